@@ -1,0 +1,226 @@
+//! State shared between VMs: key-value data with compare-and-swap, and message queues.
+//! Both are scoped by vm_id, as in proxy-wasm-cpp-host: plugins that share a vm_id share data,
+//! whichever worker thread their VM runs on.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::limits::{MAX_QUEUE_ITEMS, MAX_SHARED_DATA_KEYS};
+
+/// Shared data and queues for every VM of one host.
+#[derive(Default)]
+pub struct SharedState {
+    data: Mutex<HashMap<String, HashMap<String, (Vec<u8>, u32)>>>,
+    next_cas: AtomicU32,
+    queues: Mutex<Queues>,
+}
+
+impl std::fmt::Debug for SharedState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedState").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Queues {
+    by_name: HashMap<(String, String), u32>,
+    by_id: HashMap<u32, Queue>,
+    next_id: u32,
+}
+
+struct Queue {
+    items: VecDeque<Vec<u8>>,
+    owner: QueueOwner,
+}
+
+/// The root context that registered a queue, which `proxy_on_queue_ready` is delivered to.
+#[derive(Clone)]
+pub struct QueueOwner {
+    /// Which VM instance (see [`crate::Vm::instance_id`]).
+    pub vm_instance: u64,
+    pub root_context_id: u32,
+    /// How the embedder is told; called without any host lock held.
+    pub notify: Arc<dyn Fn(QueueReady) + Send + Sync>,
+}
+
+/// A queue has new items for its owner: deliver with [`crate::Vm::on_queue_ready`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueReady {
+    pub vm_instance: u64,
+    pub root_context_id: u32,
+    pub queue_id: u32,
+}
+
+/// Why a shared-data write failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SetError {
+    CasMismatch,
+    TooManyKeys,
+}
+
+impl SharedState {
+    pub fn new() -> Arc<SharedState> {
+        Arc::new(SharedState::default())
+    }
+
+    /// The value and its CAS token, or `None`.
+    pub fn get(&self, vm_id: &str, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.data.lock().get(vm_id)?.get(key).cloned()
+    }
+
+    /// Writes `value`; a non-zero `cas` must match the stored token. Every write gets a fresh token.
+    pub fn set(&self, vm_id: &str, key: &str, value: Vec<u8>, cas: u32) -> Result<u32, SetError> {
+        let mut data = self.data.lock();
+        let scope = data.entry(vm_id.to_string()).or_default();
+        match scope.get_mut(key) {
+            Some(entry) => {
+                if cas != 0 && cas != entry.1 {
+                    return Err(SetError::CasMismatch);
+                }
+                let token = self.fresh_cas();
+                *entry = (value, token);
+                Ok(token)
+            }
+            None => {
+                if scope.len() >= MAX_SHARED_DATA_KEYS {
+                    return Err(SetError::TooManyKeys);
+                }
+                let token = self.fresh_cas();
+                scope.insert(key.to_string(), (value, token));
+                Ok(token)
+            }
+        }
+    }
+
+    fn fresh_cas(&self) -> u32 {
+        loop {
+            let v = self
+                .next_cas
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            if v != 0 {
+                return v;
+            }
+        }
+    }
+
+    /// Registers (or re-opens) queue `name` of `vm_id`, making `owner` the one notified.
+    pub fn register_queue(&self, vm_id: &str, name: &str, owner: QueueOwner) -> u32 {
+        let mut q = self.queues.lock();
+        let key = (vm_id.to_string(), name.to_string());
+        if let Some(&id) = q.by_name.get(&key) {
+            if let Some(queue) = q.by_id.get_mut(&id) {
+                queue.owner = owner;
+            }
+            return id;
+        }
+        q.next_id += 1;
+        let id = q.next_id;
+        q.by_name.insert(key, id);
+        q.by_id.insert(
+            id,
+            Queue {
+                items: VecDeque::new(),
+                owner,
+            },
+        );
+        id
+    }
+
+    pub fn resolve_queue(&self, vm_id: &str, name: &str) -> Option<u32> {
+        self.queues
+            .lock()
+            .by_name
+            .get(&(vm_id.to_string(), name.to_string()))
+            .copied()
+    }
+
+    /// Appends an item and notifies the owner. `None` if the queue does not exist.
+    /// Returns whether the oldest item had to be dropped to make room.
+    pub fn enqueue(&self, id: u32, item: Vec<u8>) -> Option<bool> {
+        let (owner, dropped) = {
+            let mut q = self.queues.lock();
+            let queue = q.by_id.get_mut(&id)?;
+            let dropped = if queue.items.len() >= MAX_QUEUE_ITEMS {
+                queue.items.pop_front();
+                true
+            } else {
+                false
+            };
+            queue.items.push_back(item);
+            (queue.owner.clone(), dropped)
+        };
+        (owner.notify)(QueueReady {
+            vm_instance: owner.vm_instance,
+            root_context_id: owner.root_context_id,
+            queue_id: id,
+        });
+        Some(dropped)
+    }
+
+    /// `None`: no such queue; `Some(None)`: empty.
+    pub fn dequeue(&self, id: u32) -> Option<Option<Vec<u8>>> {
+        let mut q = self.queues.lock();
+        let queue = q.by_id.get_mut(&id)?;
+        Some(queue.items.pop_front())
+    }
+
+    /// Forgets queues owned by a VM instance that is gone (their items are dropped).
+    pub fn drop_queues_of(&self, vm_instance: u64) {
+        let mut q = self.queues.lock();
+        let gone: Vec<u32> = q
+            .by_id
+            .iter()
+            .filter(|(_, queue)| queue.owner.vm_instance == vm_instance)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            q.by_id.remove(&id);
+            q.by_name.retain(|_, v| *v != id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cas_rejects_stale_tokens_and_scopes_by_vm_id() {
+        let s = SharedState::new();
+        let t1 = s.set("vm", "k", b"1".to_vec(), 0).unwrap();
+        assert_eq!(s.get("vm", "k").unwrap(), (b"1".to_vec(), t1));
+        let t2 = s.set("vm", "k", b"2".to_vec(), t1).unwrap();
+        assert_ne!(t1, t2);
+        assert_eq!(
+            s.set("vm", "k", b"3".to_vec(), t1),
+            Err(SetError::CasMismatch)
+        );
+        assert!(s.get("other", "k").is_none());
+    }
+
+    #[test]
+    fn queues_notify_their_owner() {
+        let s = SharedState::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let owner = QueueOwner {
+            vm_instance: 7,
+            root_context_id: 1,
+            notify: Arc::new(move |r| sink.lock().push(r)),
+        };
+        let id = s.register_queue("vm", "q", owner.clone());
+        assert_eq!(s.register_queue("vm", "q", owner), id);
+        assert_eq!(s.resolve_queue("vm", "q"), Some(id));
+        assert_eq!(s.resolve_queue("vm2", "q"), None);
+        assert_eq!(s.dequeue(id), Some(None));
+        s.enqueue(id, b"a".to_vec()).unwrap();
+        assert_eq!(seen.lock().len(), 1);
+        assert_eq!(seen.lock()[0].queue_id, id);
+        assert_eq!(s.dequeue(id), Some(Some(b"a".to_vec())));
+        assert_eq!(s.dequeue(999), None);
+    }
+}
