@@ -1,0 +1,331 @@
+//! The active configuration (routes, clusters, compiled filters), swapped atomically as one
+//! value, and each worker's VMs for it.
+//!
+//! Standalone mode builds an [`Active`] from the YAML file (and again on reload); managed mode
+//! will build it from the operator's snapshots. Either way requests see one consistent version:
+//! a request loads the `Arc<Active>` once and keeps it to the end.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmfilter_api::{FailurePolicy, RequestMatch, chain_order};
+use wasmfilter_host::{
+    CallbackError, Embedder, Host, LogLevel, MetricsRegistry, PluginModule, PluginSpec,
+    PropertyValue, Vm, VmOptions,
+};
+
+use crate::config::{self, Builtin, Config};
+
+/// One filter of the chain, compiled and configured, shared by all workers.
+pub struct LoadedFilter {
+    pub name: String,
+    pub module: Arc<PluginModule>,
+    pub spec: PluginSpec,
+    pub matches: RequestMatch,
+    pub failure_policy: FailurePolicy,
+    pub vm_id: String,
+    pub memory_limit: usize,
+    pub callback_timeout: Duration,
+    pub log_level: LogLevel,
+    pub env: Vec<(String, String)>,
+    /// Which configuration version introduced this filter as it is now.
+    pub version: u64,
+}
+
+pub struct ClusterEntry {
+    pub config: config::Cluster,
+    pub metadata: Option<PropertyValue>,
+}
+
+pub struct RouteEntry {
+    pub config: config::Route,
+    pub metadata: Option<PropertyValue>,
+}
+
+/// Everything a request needs, as one immutable value.
+pub struct Active {
+    pub generation: u64,
+    pub routes: Vec<RouteEntry>,
+    pub clusters: HashMap<String, ClusterEntry>,
+    /// In chain order: phase, priority (higher first), name.
+    pub filters: Vec<Arc<LoadedFilter>>,
+    pub buffer_limit: usize,
+    pub embedder: Arc<ClusterNames>,
+}
+
+/// Tells VMs which clusters callouts may target.
+pub struct ClusterNames(pub Vec<String>);
+
+impl Embedder for ClusterNames {
+    fn has_cluster(&self, cluster: &str) -> bool {
+        self.0.iter().any(|c| c == cluster)
+    }
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+fn metadata(value: &serde_json::Value) -> Option<PropertyValue> {
+    (!value.is_null()).then(|| PropertyValue::from_json(value))
+}
+
+/// A filter that could not be loaded: its name and why, for the error message.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: filters[{index}] ({name}): {message}")]
+pub struct FilterLoadError {
+    pub file: String,
+    pub index: usize,
+    pub name: String,
+    pub message: String,
+}
+
+impl Active {
+    /// Compiles every filter of `config` (off the request path) and checks that each one
+    /// starts: a module that fails `proxy_on_vm_start` or `proxy_on_configure` is refused here,
+    /// so a bad filter never reaches traffic.
+    pub fn build(
+        host: &Arc<Host>,
+        config: &Config,
+        config_file: &Path,
+    ) -> Result<Active, FilterLoadError> {
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let embedder = Arc::new(ClusterNames(
+            config.clusters.iter().map(|c| c.name.clone()).collect(),
+        ));
+        let mut filters = Vec::new();
+        for (index, f) in config.filters.iter().enumerate() {
+            let fail = |message: String| FilterLoadError {
+                file: config_file.display().to_string(),
+                index,
+                name: f.name.clone(),
+                message,
+            };
+            let path = Config::module_path(config_file, &f.module);
+            let bytes = std::fs::read(&path).map_err(|e| {
+                fail(format!(
+                    "module {}: {e} (build it, or fix filters[{index}].module)",
+                    path.display()
+                ))
+            })?;
+            let module = host
+                .load(&bytes)
+                .map_err(|e| fail(format!("module {}: {e}", path.display())))?;
+            let filter = LoadedFilter {
+                name: f.name.clone(),
+                module,
+                spec: PluginSpec {
+                    name: f.name.clone(),
+                    root_id: f.root_id.clone(),
+                    vm_configuration: config::config_bytes(&f.vm.config),
+                    configuration: config::config_bytes(&f.config),
+                    metrics: Arc::new(MetricsRegistry::default()),
+                },
+                matches: f.matches.clone(),
+                failure_policy: f.failure_policy,
+                vm_id: f.vm.id.clone(),
+                memory_limit: config::parse_quantity(&f.limits.memory).map_err(fail)?,
+                callback_timeout: f.limits.callback_timeout,
+                log_level: f.log_level.parse().map_err(fail)?,
+                env: f
+                    .vm
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                version: generation,
+            };
+            // Start it once now, so configuration errors surface at load time.
+            filter
+                .instantiate(host, embedder.clone())
+                .map_err(|e| fail(e.to_string()))?;
+            filters.push((chain_order(f.phase, f.priority, &f.name), Arc::new(filter)));
+        }
+        filters.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Active {
+            generation,
+            routes: config
+                .routes
+                .iter()
+                .map(|r| RouteEntry {
+                    config: r.clone(),
+                    metadata: metadata(&r.metadata),
+                })
+                .collect(),
+            clusters: config
+                .clusters
+                .iter()
+                .map(|c| {
+                    (
+                        c.name.clone(),
+                        ClusterEntry {
+                            config: c.clone(),
+                            metadata: metadata(&c.metadata),
+                        },
+                    )
+                })
+                .collect(),
+            filters: filters.into_iter().map(|(_, f)| f).collect(),
+            buffer_limit: config.buffer_limit_bytes,
+            embedder,
+        })
+    }
+
+    /// The first route whose match (and header conditions) accept the request.
+    pub fn route(
+        &self,
+        host: &str,
+        path: &str,
+        method: &str,
+        header: impl Fn(&str) -> Option<String>,
+    ) -> Option<&RouteEntry> {
+        self.routes.iter().find(|r| {
+            r.config.matches.matches(host, path, method)
+                && r.config
+                    .headers
+                    .iter()
+                    .all(|(k, v)| header(k).as_deref() == Some(v.as_str()))
+        })
+    }
+
+    pub fn is_builtin_echo(&self, cluster: &str) -> bool {
+        self.clusters.get(cluster).and_then(|c| c.config.builtin) == Some(Builtin::Echo)
+    }
+}
+
+/// The error of starting a filter in a new VM.
+#[derive(Debug, thiserror::Error)]
+pub enum InstantiateError {
+    #[error(transparent)]
+    Vm(#[from] wasmfilter_host::VmError),
+    #[error(transparent)]
+    Start(#[from] wasmfilter_host::StartError),
+}
+
+impl LoadedFilter {
+    pub fn instantiate(
+        &self,
+        host: &Arc<Host>,
+        embedder: Arc<ClusterNames>,
+    ) -> Result<(Vm, u32), InstantiateError> {
+        let mut vm = host.new_vm(
+            &self.module,
+            VmOptions {
+                vm_id: self.vm_id.clone(),
+                label: self.name.clone(),
+                memory_limit_bytes: self.memory_limit,
+                callback_timeout: self.callback_timeout,
+                log_level: self.log_level,
+                env: self.env.clone(),
+                embedder,
+                ..Default::default()
+            },
+        )?;
+        let root = vm.start_plugin(self.spec.clone())?;
+        Ok((vm, root))
+    }
+}
+
+/// A worker's VM for one filter, or why it has none right now.
+pub struct Slot {
+    pub vm: Option<(Vm, u32)>,
+    pub failures: u32,
+    pub retry_at: Option<Instant>,
+}
+
+/// Per-worker VMs, keyed by filter name and version. A stream stays on its worker, so its
+/// filters' VMs are always these.
+#[derive(Default)]
+pub struct WorkerVms {
+    generation: u64,
+    pub slots: HashMap<(String, u64), Slot>,
+}
+
+thread_local! {
+    pub static WORKER_VMS: RefCell<WorkerVms> = RefCell::new(WorkerVms::default());
+}
+
+/// Backoff before rebuilding a VM after its `n`th consecutive failure: 100 ms doubling to 30 s.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(9))).min(Duration::from_secs(30))
+}
+
+impl WorkerVms {
+    /// Drops VMs of filters that are no longer in `active` (after a swap).
+    pub fn sync(&mut self, active: &Active) {
+        if self.generation == active.generation {
+            return;
+        }
+        self.generation = active.generation;
+        self.slots.retain(|(name, version), _| {
+            active
+                .filters
+                .iter()
+                .any(|f| &f.name == name && f.version == *version)
+        });
+    }
+
+    /// The VM of `filter` on this worker, creating it (or re-creating it after a failure,
+    /// once its backoff has passed). `Err` carries why there is no VM.
+    pub fn get(
+        &mut self,
+        host: &Arc<Host>,
+        filter: &LoadedFilter,
+        embedder: &Arc<ClusterNames>,
+        stats: &crate::metrics::Metrics,
+    ) -> Result<&mut (Vm, u32), String> {
+        let slot = self
+            .slots
+            .entry((filter.name.clone(), filter.version))
+            .or_insert(Slot {
+                vm: None,
+                failures: 0,
+                retry_at: None,
+            });
+        if slot.vm.is_none() {
+            if let Some(at) = slot.retry_at
+                && Instant::now() < at
+            {
+                return Err(format!(
+                    "filter {} is restarting after a failure",
+                    filter.name
+                ));
+            }
+            match filter.instantiate(host, embedder.clone()) {
+                Ok(vm) => {
+                    if slot.failures > 0 {
+                        stats.vm_restart(&filter.name);
+                    }
+                    slot.vm = Some(vm);
+                }
+                Err(e) => {
+                    slot.failures += 1;
+                    slot.retry_at = Some(Instant::now() + backoff(slot.failures));
+                    return Err(format!("filter {} could not start: {e}", filter.name));
+                }
+            }
+        }
+        Ok(slot.vm.as_mut().expect("just set"))
+    }
+
+    /// Records a callback failure: the VM is dropped and rebuilt after a backoff.
+    pub fn fail(&mut self, filter: &LoadedFilter, error: &CallbackError) {
+        if let Some(slot) = self.slots.get_mut(&(filter.name.clone(), filter.version)) {
+            tracing::warn!(filter = %filter.name, %error, "filter failed; its VM will be rebuilt");
+            slot.vm = None;
+            slot.failures += 1;
+            slot.retry_at = Some(Instant::now() + backoff(slot.failures));
+        }
+    }
+
+    pub fn succeeded(&mut self, filter: &LoadedFilter) {
+        if let Some(slot) = self.slots.get_mut(&(filter.name.clone(), filter.version))
+            && slot.failures > 0
+            && slot.vm.is_some()
+        {
+            slot.failures = 0;
+        }
+    }
+}

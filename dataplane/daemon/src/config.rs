@@ -1,0 +1,381 @@
+//! The dataplane's YAML configuration: listeners, routes, clusters, admin address, and in
+//! standalone mode the filters. Every error names the file, the field and what is expected.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use wasmfilter_api::{FailurePolicy, Phase, RequestMatch};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Where the proxy listens, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+    /// Where `/ready`, `/live`, `/metrics` and `/config_dump` are served.
+    #[serde(default = "default_admin")]
+    pub admin: String,
+    /// Worker threads; each runs its own event loop and its own VM per filter. 0 = one per core.
+    #[serde(default)]
+    pub workers: usize,
+    /// Largest request or response body a filter chain may buffer (bytes); beyond it the
+    /// request gets 413, the response 500.
+    #[serde(default = "default_buffer_limit")]
+    pub buffer_limit_bytes: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[serde(default = "default_drain", with = "duration")]
+    pub drain_timeout: Duration,
+    pub routes: Vec<Route>,
+    pub clusters: Vec<Cluster>,
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Route {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matches: RequestMatch,
+    /// Exact header values the request must carry.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub cluster: String,
+    /// Readable by filters as `xds.route_metadata` / `route_metadata`.
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    /// `host:port` endpoints; the first that answers is used.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// A built-in upstream instead of endpoints: `echo` answers with what it received.
+    #[serde(default)]
+    pub builtin: Option<Builtin>,
+    #[serde(default = "default_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Speak HTTP/2 (h2c) to the endpoints, as gRPC needs.
+    #[serde(default)]
+    pub http2: bool,
+    /// Readable by filters as `xds.cluster_metadata` / `cluster_metadata`.
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Builtin {
+    Echo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Filter {
+    pub name: String,
+    /// Path to the `.wasm` module, relative to the configuration file.
+    pub module: PathBuf,
+    #[serde(default)]
+    pub root_id: String,
+    /// Plugin configuration: a string is passed as-is, anything else as JSON.
+    #[serde(default)]
+    pub config: serde_json::Value,
+    #[serde(default)]
+    pub vm: VmConfig,
+    #[serde(default, rename = "match")]
+    pub matches: RequestMatch,
+    #[serde(default)]
+    pub phase: Phase,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Lowest guest log level kept: trace, debug, info, warn, error, critical.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmConfig {
+    /// VM sharing key; filters with the same id and module share a VM.
+    #[serde(default)]
+    pub id: String,
+    /// Passed to `proxy_on_vm_start`: a string as-is, anything else as JSON.
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// Environment variables visible to the module through WASI.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory cap, e.g. `64Mi`.
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    /// Budget of one callback, e.g. `100ms`.
+    #[serde(default = "default_callback_timeout", with = "duration")]
+    pub callback_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: default_memory(),
+            callback_timeout: default_callback_timeout(),
+        }
+    }
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:9901".into()
+}
+fn default_buffer_limit() -> usize {
+    8 << 20
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_memory() -> String {
+    "64Mi".into()
+}
+fn default_callback_timeout() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Durations are written as `250ms`, `5s`, `1m`.
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!(
+            "invalid duration {text:?}: expected a whole number with a unit, like 250ms, 5s or 1m"
+        )
+    })?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => {
+            return Err(format!(
+                "invalid duration {text:?}: the unit must be ms, s or m"
+            ));
+        }
+    })
+}
+
+/// Parses `64Mi`, `512Ki`, `1Gi` or a plain byte count.
+pub fn parse_quantity(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("Gi") {
+        (n, 1usize << 30)
+    } else if let Some(n) = t.strip_suffix("Mi") {
+        (n, 1 << 20)
+    } else if let Some(n) = t.strip_suffix("Ki") {
+        (n, 1 << 10)
+    } else {
+        (t, 1)
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| {
+            format!("invalid size {text:?}: expected a number with Ki, Mi or Gi, like 64Mi")
+        })
+}
+
+/// A configuration error: which file, which field, what is wrong and what is expected.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl Config {
+    /// Reads, parses and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            field: "(file)".into(),
+            message: format!("cannot read the configuration: {e}"),
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let location = e
+                .location()
+                .map(|l| format!("line {} column {}", l.line(), l.column()))
+                .unwrap_or_else(|| "(document)".into());
+            ConfigError {
+                file: file.to_string(),
+                field: location,
+                message: e.to_string(),
+            }
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |field: String, message: String| ConfigError {
+            file: file.to_string(),
+            field,
+            message,
+        };
+        check_addr(&self.listen).map_err(|m| err("listen".into(), m))?;
+        check_addr(&self.admin).map_err(|m| err("admin".into(), m))?;
+        if self.routes.is_empty() {
+            return Err(err("routes".into(), "at least one route is needed".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            let field = |f: &str| format!("clusters[{i}].{f}");
+            if c.name.is_empty() {
+                return Err(err(field("name"), "must not be empty".into()));
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(err(
+                    field("name"),
+                    format!("duplicate cluster name {:?}", c.name),
+                ));
+            }
+            match (&c.builtin, c.endpoints.is_empty()) {
+                (None, true) => {
+                    return Err(err(
+                        field("endpoints"),
+                        format!(
+                            "cluster {:?} needs at least one host:port endpoint (or `builtin: echo`)",
+                            c.name
+                        ),
+                    ));
+                }
+                (Some(_), false) => {
+                    return Err(err(
+                        field("builtin"),
+                        "give either endpoints or builtin, not both".into(),
+                    ));
+                }
+                _ => {}
+            }
+            for (j, e) in c.endpoints.iter().enumerate() {
+                check_endpoint(e).map_err(|m| err(format!("clusters[{i}].endpoints[{j}]"), m))?;
+            }
+        }
+        let mut route_names = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if !route_names.insert(r.name.as_str()) {
+                return Err(err(
+                    format!("routes[{i}].name"),
+                    format!("duplicate route name {:?}", r.name),
+                ));
+            }
+            if !names.contains(r.cluster.as_str()) {
+                return Err(err(
+                    format!("routes[{i}].cluster"),
+                    format!(
+                        "no cluster named {:?}; defined clusters: {:?}",
+                        r.cluster,
+                        self.clusters.iter().map(|c| &c.name).collect::<Vec<_>>()
+                    ),
+                ));
+            }
+        }
+        let mut filter_names = std::collections::HashSet::new();
+        for (i, f) in self.filters.iter().enumerate() {
+            let field = |x: &str| format!("filters[{i}].{x}");
+            if f.name.is_empty() {
+                return Err(err(field("name"), "must not be empty".into()));
+            }
+            if !filter_names.insert(f.name.as_str()) {
+                return Err(err(
+                    field("name"),
+                    format!("duplicate filter name {:?}", f.name),
+                ));
+            }
+            let bytes =
+                parse_quantity(&f.limits.memory).map_err(|m| err(field("limits.memory"), m))?;
+            if !(1 << 20..=wasmfilter_host::limits::MAX_MEMORY_LIMIT_BYTES).contains(&bytes) {
+                return Err(err(
+                    field("limits.memory"),
+                    format!("{} is out of range: between 1Mi and 1Gi", f.limits.memory),
+                ));
+            }
+            if f.limits.callback_timeout.is_zero()
+                || f.limits.callback_timeout > Duration::from_secs(60)
+            {
+                return Err(err(
+                    field("limits.callbackTimeout"),
+                    "must be between 1ms and 60s".into(),
+                ));
+            }
+            f.log_level
+                .parse::<wasmfilter_host::LogLevel>()
+                .map_err(|m| err(field("logLevel"), m))?;
+        }
+        Ok(())
+    }
+
+    /// Absolute path of a filter's module (relative paths are relative to the config file).
+    pub fn module_path(config_file: &Path, module: &Path) -> PathBuf {
+        if module.is_absolute() {
+            module.to_path_buf()
+        } else {
+            config_file.parent().unwrap_or(Path::new(".")).join(module)
+        }
+    }
+}
+
+fn check_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!("{text:?} is not a socket address: expected ip:port, like 127.0.0.1:8080")
+    })
+}
+
+fn check_endpoint(text: &str) -> Result<(), String> {
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!(
+            "{text:?} is not an endpoint: expected host:port, like 127.0.0.1:3000 or backend.svc:80"
+        )),
+    }
+}
+
+/// A JSON value as the bytes a module receives: strings as-is, null as nothing, else JSON.
+pub fn config_bytes(value: &serde_json::Value) -> Vec<u8> {
+    match value {
+        serde_json::Value::Null => Vec::new(),
+        serde_json::Value::String(s) => s.clone().into_bytes(),
+        other => other.to_string().into_bytes(),
+    }
+}

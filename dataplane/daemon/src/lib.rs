@@ -1,0 +1,217 @@
+//! The wasmfilter dataplane: an HTTP/1.1 and HTTP/2 (h2c) reverse proxy with a chain of
+//! proxy-wasm filters in front of its router.
+//!
+//! Threads: N workers, each with its own single-threaded event loop accepting on the shared
+//! listener, so a stream and its filters' VMs stay on one thread; one admin thread; the
+//! caller's thread handles signals (SIGHUP reloads, SIGTERM drains).
+
+pub mod admin;
+pub mod chain;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod state;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use wasmfilter_host::{Host, HostConfig};
+
+use crate::chain::Active;
+use crate::config::Config;
+use crate::state::State;
+
+/// A running dataplane.
+pub struct Dataplane {
+    pub state: Arc<State>,
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    drain_timeout: Duration,
+}
+
+/// Runs `!Send` futures (HTTP/2 streams of one connection) on the worker's own thread.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+impl Dataplane {
+    /// Loads the configuration, compiles and starts every filter once (refusing a bad one
+    /// with its error), binds the listeners and starts the workers.
+    pub fn start(config_file: &Path) -> anyhow::Result<Dataplane> {
+        let config = Config::load(config_file)?;
+        let host = Host::new(HostConfig {
+            module_cache_dir: Some(module_cache_dir()),
+            ..Default::default()
+        })?;
+        let active = Active::build(&host, &config, config_file)?;
+        let listener = std::net::TcpListener::bind(&config.listen).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: listen: cannot bind {}: {e}",
+                config_file.display(),
+                config.listen
+            )
+        })?;
+        listener.set_nonblocking(true)?;
+        let admin = std::net::TcpListener::bind(&config.admin).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: admin: cannot bind {}: {e}",
+                config_file.display(),
+                config.admin
+            )
+        })?;
+        admin.set_nonblocking(true)?;
+        let proxy_addr = listener.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let state = Arc::new(State {
+            host,
+            active: ArcSwap::from_pointee(active),
+            metrics: Default::default(),
+            clients: Default::default(),
+            in_flight: Default::default(),
+            ready: AtomicBool::new(false),
+            config_file: config_file.to_path_buf(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers_n = if config.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            config.workers
+        };
+        let mut workers = Vec::new();
+        for i in 0..workers_n {
+            let listener = listener.try_clone()?;
+            let state = state.clone();
+            let stop = stop.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("worker-{i}"))
+                    .spawn(move || run_worker(listener, state, stop, false))?,
+            );
+        }
+        {
+            let state = state.clone();
+            let stop = stop.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name("admin".into())
+                    .spawn(move || run_worker(admin, state, stop, true))?,
+            );
+        }
+        state.ready.store(true, Ordering::SeqCst);
+        tracing::info!(%proxy_addr, %admin_addr, filters = state.active.load().filters.len(), "dataplane ready");
+        Ok(Dataplane {
+            state,
+            proxy_addr,
+            admin_addr,
+            stop,
+            workers,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+
+    /// Re-reads the configuration file and swaps in the new filter chain. A configuration
+    /// that does not load leaves the running one untouched and returns the error.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let file = &self.state.config_file;
+        let config = Config::load(file)?;
+        let active = Active::build(&self.state.host, &config, file)?;
+        self.state.active.store(Arc::new(active));
+        tracing::info!(
+            generation = self.state.active.load().generation,
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+
+    /// Stops accepting, waits for in-flight requests (up to the drain timeout), then stops.
+    pub fn shutdown(self) {
+        self.state.ready.store(false, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + self.drain_timeout;
+        while self.state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Compiled modules are cached outside the working tree, keyed by digest.
+pub fn module_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WASMFILTER_MODULE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home)
+        .join(".cache")
+        .join("wasmfilter")
+        .join("modules")
+}
+
+fn run_worker(
+    listener: std::net::TcpListener,
+    state: Arc<State>,
+    stop: Arc<AtomicBool>,
+    admin: bool,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("worker runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let accepted = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+            let Ok(Ok((stream, peer))) = accepted else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let local_addr = stream.local_addr().unwrap_or(peer);
+            let state = state.clone();
+            tokio::task::spawn_local(async move {
+                let io = TokioIo::new(stream);
+                let service = service_fn(move |req| {
+                    let state = state.clone();
+                    async move {
+                        if admin {
+                            admin::handle(state, req).await
+                        } else {
+                            proxy::handle(state, req, peer, local_addr).await
+                        }
+                    }
+                });
+                let mut builder = auto::Builder::new(LocalExec);
+                builder.http2().max_concurrent_streams(1024);
+                let _ = builder.serve_connection(io, service).await;
+            });
+        }
+        // Let in-flight connections finish while the caller waits for the drain.
+        let _ = TokioExecutor::new();
+        let drain_until = Instant::now() + Duration::from_secs(30);
+        while state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < drain_until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}

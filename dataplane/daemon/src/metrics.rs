@@ -1,0 +1,231 @@
+//! The dataplane's own Prometheus metrics, plus the metrics filters define, rendered together
+//! on the admin listener's `/metrics`.
+
+use std::fmt::Write;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use wasmfilter_host::MetricType;
+
+use crate::chain::Active;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FilterLabels {
+    pub filter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    pub cluster: String,
+    pub reason: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~3.3 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 17))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<CodeLabels, Counter>,
+    request_duration: Histogram,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    invocations: Family<FilterLabels, Counter>,
+    callback_duration: Family<FilterLabels, Histogram, fn() -> Histogram>,
+    traps: Family<FilterLabels, Counter>,
+    fail_open_skips: Family<FilterLabels, Counter>,
+    fail_closed: Family<FilterLabels, Counter>,
+    vm_restarts: Family<FilterLabels, Counter>,
+    vm_memory: Family<FilterLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("wasmfilter");
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: latency_histogram(),
+            upstream_errors: Family::default(),
+            invocations: Family::default(),
+            callback_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            traps: Family::default(),
+            fail_open_skips: Family::default(),
+            fail_closed: Family::default(),
+            vm_restarts: Family::default(),
+            vm_memory: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by status code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures, by cluster and reason",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "filter_invocations",
+            "Filter callbacks run",
+            m.invocations.clone(),
+        );
+        registry.register(
+            "filter_callback_duration_seconds",
+            "Duration of one filter callback",
+            m.callback_duration.clone(),
+        );
+        registry.register(
+            "filter_traps",
+            "Filter callbacks that trapped or timed out",
+            m.traps.clone(),
+        );
+        registry.register(
+            "filter_fail_open_skips",
+            "Requests that skipped a failed FailOpen filter",
+            m.fail_open_skips.clone(),
+        );
+        registry.register(
+            "filter_fail_closed",
+            "Requests refused with 503 because a FailClosed filter failed",
+            m.fail_closed.clone(),
+        );
+        registry.register(
+            "filter_vm_restarts",
+            "VMs rebuilt after a failure",
+            m.vm_restarts.clone(),
+        );
+        registry.register(
+            "filter_vm_memory_bytes",
+            "Linear memory of the filter's VM on the last worker that reported",
+            m.vm_memory.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+fn filter(name: &str) -> FilterLabels {
+    FilterLabels {
+        filter: name.to_string(),
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, code: u16, seconds: f64) {
+        self.requests.get_or_create(&CodeLabels { code }).inc();
+        self.request_duration.observe(seconds);
+    }
+    pub fn upstream_error(&self, cluster: &str, reason: &str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                cluster: cluster.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+    pub fn callback(&self, name: &str, seconds: f64) {
+        self.invocations.get_or_create(&filter(name)).inc();
+        self.callback_duration
+            .get_or_create(&filter(name))
+            .observe(seconds);
+    }
+    pub fn trap(&self, name: &str) {
+        self.traps.get_or_create(&filter(name)).inc();
+    }
+    pub fn fail_open(&self, name: &str) {
+        self.fail_open_skips.get_or_create(&filter(name)).inc();
+    }
+    pub fn fail_closed(&self, name: &str) {
+        self.fail_closed.get_or_create(&filter(name)).inc();
+    }
+    pub fn vm_restart(&self, name: &str) {
+        self.vm_restarts.get_or_create(&filter(name)).inc();
+    }
+    pub fn vm_memory(&self, name: &str, bytes: usize) {
+        self.vm_memory
+            .get_or_create(&filter(name))
+            .set(bytes as i64);
+    }
+
+    /// Prometheus text: the dataplane's metrics, then every metric the active filters defined
+    /// as `wasmfilter_plugin_<name>{filter="…", <tags>}`.
+    pub fn render(&self, active: &Active) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        if out.ends_with("# EOF\n") {
+            out.truncate(out.len() - "# EOF\n".len());
+        }
+        for f in &active.filters {
+            for m in f.spec.metrics.snapshot() {
+                let name = format!("wasmfilter_plugin_{}", sanitize(&m.name));
+                let mut labels = format!("filter=\"{}\"", escape(&f.name));
+                for (k, v) in &m.labels {
+                    let _ = write!(labels, ",{}=\"{}\"", sanitize(k), escape(v));
+                }
+                match m.kind {
+                    MetricType::Counter => {
+                        let _ = writeln!(
+                            out,
+                            "# TYPE {name} counter\n{name}_total{{{labels}}} {}",
+                            m.value
+                        );
+                    }
+                    MetricType::Gauge => {
+                        let _ =
+                            writeln!(out, "# TYPE {name} gauge\n{name}{{{labels}}} {}", m.value);
+                    }
+                    MetricType::Histogram => {
+                        let _ = writeln!(out, "# TYPE {name} histogram");
+                        for (bound, count) in
+                            wasmfilter_host::HISTOGRAM_BOUNDS.iter().zip(&m.buckets)
+                        {
+                            let _ =
+                                writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+                        }
+                        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", m.value);
+                        let _ = writeln!(
+                            out,
+                            "{name}_sum{{{labels}}} {}\n{name}_count{{{labels}}} {}",
+                            m.sum, m.value
+                        );
+                    }
+                }
+            }
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,23 @@
+//! What every worker and the admin listener share.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+use arc_swap::ArcSwap;
+use wasmfilter_host::Host;
+
+use crate::chain::Active;
+use crate::metrics::Metrics;
+use crate::upstream::Clients;
+
+pub struct State {
+    pub host: Arc<Host>,
+    /// The active configuration; swapped whole on reload.
+    pub active: ArcSwap<Active>,
+    pub metrics: Metrics,
+    pub clients: Clients,
+    pub in_flight: AtomicUsize,
+    pub ready: AtomicBool,
+    pub config_file: PathBuf,
+}
