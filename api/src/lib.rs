@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn chains_order_by_phase_then_priority_then_name() {
-        let mut filters = vec![
+        let mut filters = [
             (Phase::Default, 0, "z"),
             (Phase::Authn, 0, "b"),
             (Phase::Authn, 10, "c"),

@@ -294,12 +294,11 @@ async fn run_request(
     has_body: bool,
     streamed: &mut Option<Incoming>,
 ) -> Result<Flow, ProxyError> {
-    for i in 0..running.len() {
-        match start_stream(state, active, exchange, &mut running[i])? {
-            true => {}
-            false => continue,
+    for r in running.iter_mut() {
+        if !start_stream(state, active, exchange, r)? {
+            continue;
         }
-        let flow = callback(state, active, &mut running[i], |vm, ctx| {
+        let flow = callback(state, active, r, |vm, ctx| {
             vm.on_request_headers(ctx, !has_body)
         })
         .await?;

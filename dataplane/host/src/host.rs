@@ -173,7 +173,7 @@ impl Host {
 
     /// Number of epoch ticks that covers `d`, plus one for the tick in progress.
     pub(crate) fn deadline_ticks(d: Duration) -> u64 {
-        (d.as_micros() / EPOCH_TICK.as_micros().max(1)) as u64 + 1
+        (d.as_micros() / EPOCH_TICK.as_micros().max(1)).min(u128::from(u64::MAX - 1)) as u64 + 1
     }
 
     /// Validates and compiles a module (or loads its compiled form from the cache).

@@ -171,7 +171,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
         |c, map: i32, ret_ptr: i32, ret_len: i32| {
             guard(c, "proxy_get_header_map_pairs")?;
             let kind = MapType::from_i32(map).ok_or(Status::BadArgument)?;
-            let bytes = with_map(c.data(), kind, |m| pairs::serialize(m))?;
+            let bytes = with_map(c.data(), kind, pairs::serialize)?;
             copy_out(c, &bytes, ret_ptr, ret_len)
         }
     );
@@ -661,7 +661,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
     linker.func_wrap(
         "env",
         "proxy_increment_metric",
-        |mut c: C<'_>, id: i32, delta: i64| {
+        |c: C<'_>, id: i32, delta: i64| {
             finish((|| {
                 guard(&c, "proxy_increment_metric")?;
                 let root = c.data().active_root().ok_or(Status::NotFound)?;
@@ -671,10 +671,6 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
                     .map_err(metric_status)?;
                 Ok(())
             })())
-            .map(|s| {
-                let _ = &mut c;
-                s
-            })
         },
     )?;
     linker.func_wrap(

@@ -25,6 +25,9 @@ pub const MAX_METRICS_PER_PLUGIN: usize = 10_000;
 pub const MAX_PENDING_CALLOUTS: usize = 10_000;
 /// Most live stream contexts per VM.
 pub const MAX_CONTEXTS: usize = 1 << 20;
+/// Most bytes one `fd_write` to stdout/stderr accepts; the guest is told how much was written
+/// and may call again (each call within its callback deadline).
+pub const MAX_STDIO_WRITE_BYTES: usize = 1 << 20;
 /// Bytes of guest stdout/stderr kept while waiting for a newline.
 pub const MAX_STDIO_LINE_BYTES: usize = 64 * 1024;
 

@@ -10,10 +10,13 @@ use parking_lot::Mutex;
 
 use crate::limits::{MAX_QUEUE_ITEMS, MAX_SHARED_DATA_KEYS};
 
+/// One vm_id's shared data: key → (value, CAS token).
+type DataScope = HashMap<String, (Vec<u8>, u32)>;
+
 /// Shared data and queues for every VM of one host.
 #[derive(Default)]
 pub struct SharedState {
-    data: Mutex<HashMap<String, HashMap<String, (Vec<u8>, u32)>>>,
+    data: Mutex<HashMap<String, DataScope>>,
     next_cas: AtomicU32,
     queues: Mutex<Queues>,
 }

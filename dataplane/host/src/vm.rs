@@ -496,6 +496,15 @@ impl Vm {
         }
     }
 
+    /// Every entry point refuses a failed VM first, whether or not the module exports the
+    /// callback, so a stream of a failed filter never silently continues.
+    fn check_live(&self) -> Result<(), CallbackError> {
+        match &self.failure {
+            Some(why) => Err(CallbackError::VmFailed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// The reason the VM failed, if it did; a failed VM refuses every call.
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
@@ -659,6 +668,7 @@ impl Vm {
         root_context_id: u32,
         exchange: SharedExchange,
     ) -> Result<u32, CallbackError> {
+        self.check_live()?;
         if !self.store.data().roots.contains_key(&root_context_id) {
             return Err(CallbackError::UnknownContext(root_context_id));
         }
@@ -705,6 +715,7 @@ impl Vm {
         count: usize,
         end_of_stream: bool,
     ) -> Result<Action, CallbackError> {
+        self.check_live()?;
         let t = self.callback_timeout;
         let c = ctx as i32;
         let n = count as i32;
@@ -728,6 +739,7 @@ impl Vm {
         a: usize,
         b: bool,
     ) -> Result<Action, CallbackError> {
+        self.check_live()?;
         let Some(f) = f else {
             return Ok(Action::Continue);
         };
@@ -745,6 +757,7 @@ impl Vm {
         ctx: u32,
         a: usize,
     ) -> Result<Action, CallbackError> {
+        self.check_live()?;
         let Some(f) = f else {
             return Ok(Action::Continue);
         };
@@ -820,6 +833,7 @@ impl Vm {
     /// `proxy_on_delete`. The context is removed whatever happens. A filter whose
     /// `proxy_on_done` returns false is not waited for: the stream is over either way.
     pub fn finish_stream(&mut self, ctx: u32) -> Result<(), CallbackError> {
+        self.check_live()?;
         if !self.store.data().streams.contains_key(&ctx) {
             return Err(CallbackError::UnknownContext(ctx));
         }
@@ -864,6 +878,7 @@ impl Vm {
         f: Option<F1>,
         root: u32,
     ) -> Result<(), CallbackError> {
+        self.check_live()?;
         if !self.store.data().roots.contains_key(&root) {
             return Err(CallbackError::UnknownContext(root));
         }
@@ -878,6 +893,7 @@ impl Vm {
         root_context_id: u32,
         queue_id: u32,
     ) -> Result<(), CallbackError> {
+        self.check_live()?;
         if !self.store.data().roots.contains_key(&root_context_id) {
             return Err(CallbackError::UnknownContext(root_context_id));
         }
@@ -902,6 +918,7 @@ impl Vm {
         token: u32,
         response: Option<HttpCallResponse>,
     ) -> Result<(), CallbackError> {
+        self.check_live()?;
         let Some(pending) = self.store.data_mut().callouts.remove(&token) else {
             return Err(CallbackError::UnknownContext(token));
         };
@@ -964,6 +981,7 @@ impl Vm {
         metadata: Option<Fields>,
         message: Option<Vec<u8>>,
     ) -> Result<(), CallbackError> {
+        self.check_live()?;
         let root = self.grpc_root(token)?;
         let Some(f) = f else { return Ok(()) };
         {
@@ -1044,6 +1062,7 @@ impl Vm {
         function_id: u32,
         args: Vec<u8>,
     ) -> Result<(), CallbackError> {
+        self.check_live()?;
         if !self.store.data().roots.contains_key(&root_context_id) {
             return Err(CallbackError::UnknownContext(root_context_id));
         }

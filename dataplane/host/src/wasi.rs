@@ -19,7 +19,9 @@ use std::time::{Instant, SystemTime};
 use wasmtime::{Caller, Linker};
 
 use crate::abi::LogLevel;
-use crate::limits::{MAX_RANDOM_GET_BYTES, MAX_STDIO_LINE_BYTES};
+use crate::limits::{
+    MAX_LOG_MESSAGE_BYTES, MAX_RANDOM_GET_BYTES, MAX_STDIO_LINE_BYTES, MAX_STDIO_WRITE_BYTES,
+};
 use crate::memory::{read_bytes, write_bytes, write_u32, write_u64};
 use crate::state::VmState;
 
@@ -62,12 +64,22 @@ fn write_stdio(c: &mut C<'_>, fd: i32, bytes: &[u8]) {
     s.stdio[idx].extend_from_slice(bytes);
     while let Some(pos) = s.stdio[idx].iter().position(|b| *b == b'\n') {
         let line: Vec<u8> = s.stdio[idx].drain(..=pos).collect();
-        let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-        s.emit_log(level, text);
+        s.emit_log(level, stdio_line(&line[..line.len() - 1]));
     }
     if s.stdio[idx].len() > MAX_STDIO_LINE_BYTES {
         let line = std::mem::take(&mut s.stdio[idx]);
-        s.emit_log(level, String::from_utf8_lossy(&line).into_owned());
+        s.emit_log(level, stdio_line(&line));
+    }
+}
+
+/// One line of guest output as a log message, cut like `proxy_log` messages.
+fn stdio_line(line: &[u8]) -> String {
+    if line.len() > MAX_LOG_MESSAGE_BYTES {
+        let mut text = String::from_utf8_lossy(&line[..MAX_LOG_MESSAGE_BYTES]).into_owned();
+        text.push_str("…[truncated]");
+        text
+    } else {
+        String::from_utf8_lossy(line).into_owned()
     }
 }
 
@@ -76,7 +88,7 @@ pub(crate) fn flush_stdio(s: &mut VmState) {
     for (idx, level) in [(0, LogLevel::Info), (1, LogLevel::Error)] {
         if !s.stdio[idx].is_empty() {
             let line = std::mem::take(&mut s.stdio[idx]);
-            s.emit_log(level, String::from_utf8_lossy(&line).into_owned());
+            s.emit_log(level, stdio_line(&line));
         }
     }
 }
@@ -164,19 +176,25 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
             if fd != 1 && fd != 2 {
                 return EBADF;
             }
-            let mut total = 0u32;
+            // A short write past MAX_STDIO_WRITE_BYTES: the guest learns how much was taken.
+            let mut total = 0usize;
             for i in 0..n.max(0) {
+                if total >= MAX_STDIO_WRITE_BYTES {
+                    break;
+                }
                 let Ok(iov) = read_bytes(&c, iovs + i * 8, 8, 8) else {
                     return EFAULT;
                 };
                 let ptr = i32::from_le_bytes(iov[..4].try_into().expect("4 bytes"));
                 let len = i32::from_le_bytes(iov[4..].try_into().expect("4 bytes"));
-                let Ok(data) = read_bytes(&c, ptr, len, usize::MAX) else {
+                let len = (len as u32 as usize).min(MAX_STDIO_WRITE_BYTES - total) as i32;
+                let Ok(data) = read_bytes(&c, ptr, len, MAX_STDIO_WRITE_BYTES) else {
                     return EFAULT;
                 };
                 write_stdio(&mut c, fd, &data);
-                total = total.wrapping_add(data.len() as u32);
+                total += data.len();
             }
+            let total = total as u32;
             errno(write_u32(&mut c, written, total))
         },
     )?;
