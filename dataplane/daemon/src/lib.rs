@@ -6,6 +6,7 @@
 //! caller's thread handles signals (SIGHUP reloads, SIGTERM drains).
 
 pub mod admin;
+pub mod body;
 pub mod chain;
 pub mod config;
 pub mod metrics;

@@ -2,15 +2,16 @@
 //!
 //! 1. request headers → every matching filter's `on_request_headers`, in chain order (a filter
 //!    may pause for a callout, reply locally, or rewrite `:authority`/`:path` to steer routing);
-//! 2. request body and trailers → buffered (up to the buffer limit) when filters run, then
-//!    each filter's body and trailer callbacks;
-//! 3. routing on the headers as the filters left them, then the upstream call;
-//! 4. response headers, body, trailers → the same filters in reverse order (they also run on
-//!    local replies);
-//! 5. every filter's `on_done`/`on_log`/`on_delete`.
+//! 2. routing on the headers as the filters left them, and the upstream request starts;
+//! 3. request body chunks stream through each filter's `on_request_body` on their way up (a
+//!    filter that pauses gets the cumulative body on its next call; nothing passes it until it
+//!    continues), then trailers through `on_request_trailers`;
+//! 4. response headers, body chunks and trailers go through the same filters in reverse order,
+//!    streaming to the client (local replies go through the filters that saw the request);
+//! 5. every filter's `on_done`/`on_log`/`on_delete` once the response body has ended.
 //!
-//! Errors are turned into responses in one place, [`ProxyError::into_response`]. No VM borrow
-//! is ever held across an await: callbacks run synchronously between awaits.
+//! Errors become responses in one place, [`ProxyError::into_response`]. No VM borrow is held
+//! across an await: callbacks run synchronously between awaits, on the worker's thread.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,9 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use parking_lot::Mutex;
 use wasmfilter_api::FailurePolicy;
 use wasmfilter_host::{
@@ -29,13 +30,14 @@ use wasmfilter_host::{
     SharedExchange, Vm,
 };
 
+use crate::body::{self, BoxError};
 use crate::chain::{Active, LoadedFilter, WORKER_VMS};
 use crate::state::State;
 
-pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
+    http_body_util::Full::new(bytes.into())
         .map_err(|e| match e {})
         .boxed_unsync()
 }
@@ -58,13 +60,13 @@ const HOP_BY_HOP: &[&str] = &[
 pub enum ProxyError {
     NoRoute,
     BodyTooLarge,
-    ResponseTooLarge,
     BadRequestBody(String),
     UpstreamConnect { cluster: String, message: String },
     UpstreamTimeout { cluster: String },
     UpstreamProtocol { cluster: String, message: String },
     FilterFailed { filter: String, message: String },
     FilterStalled { filter: String },
+    Reset { filter: String },
 }
 
 impl ProxyError {
@@ -77,10 +79,6 @@ impl ProxyError {
             ProxyError::BodyTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body exceeds the filter buffer limit".into(),
-            ),
-            ProxyError::ResponseTooLarge => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "response body exceeds the filter buffer limit".into(),
             ),
             ProxyError::BadRequestBody(m) => (
                 StatusCode::BAD_REQUEST,
@@ -106,6 +104,10 @@ impl ProxyError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("filter {filter} paused the request and nothing can resume it"),
             ),
+            ProxyError::Reset { filter } => (
+                StatusCode::BAD_GATEWAY,
+                format!("filter {filter} reset the stream"),
+            ),
         }
     }
 
@@ -126,18 +128,29 @@ impl ProxyError {
     }
 }
 
-/// A filter on this request: its VM context and whether it is still active.
+/// A filter on this request: its VM context, whether it is still active, and the body data it
+/// holds while paused.
 struct Running {
     filter: Arc<LoadedFilter>,
     ctx: u32,
     skipped: bool,
+    pending: Vec<u8>,
 }
 
-/// How a phase ended.
+/// How a callback ended.
 enum Flow {
     Continue,
+    /// A body callback paused with nothing outstanding: keep buffering for this filter.
+    Buffer,
     Local(LocalResponse),
     Reset,
+}
+
+/// Which way a body flows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Request,
+    Response,
 }
 
 pub async fn handle(
@@ -172,7 +185,9 @@ fn to_fields(headers: &HeaderMap, fields: &mut Fields) {
     }
 }
 
-fn to_header_map(fields: &Fields) -> HeaderMap {
+/// The forwardable fields as an HTTP header map: pseudo-headers and hop-by-hop headers are
+/// dropped, as are names or values HTTP cannot carry.
+pub(crate) fn to_header_map(fields: &Fields) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(fields.len());
     for (k, v) in fields.iter() {
         if k.starts_with(':') || HOP_BY_HOP.contains(&k) {
@@ -188,14 +203,12 @@ fn to_header_map(fields: &Fields) -> HeaderMap {
     map
 }
 
-async fn proxy(
-    state: &Arc<State>,
-    active: &Arc<Active>,
-    req: Request<Incoming>,
+fn new_exchange(
+    active: &Active,
+    parts: &http::request::Parts,
     peer: SocketAddr,
     local: SocketAddr,
-) -> Result<Response<Body>, ProxyError> {
-    let (parts, body) = req.into_parts();
+) -> HttpExchange {
     let authority = parts
         .uri
         .authority()
@@ -223,7 +236,21 @@ async fn proxy(
             ex.request_headers.add(k.as_str(), v.as_bytes());
         }
     }
-    ex.info.protocol = format!("{:?}", parts.version).replace("HTTP/2.0", "HTTP/2");
+    // The client's address joins the chain of proxies before any filter runs.
+    let xff = match ex.request_headers.get_str("x-forwarded-for") {
+        Some(prior) => format!("{prior}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    ex.request_headers.set("x-forwarded-for", xff);
+    if ex.request_headers.get("x-forwarded-proto").is_none() {
+        ex.request_headers.add("x-forwarded-proto", "http");
+    }
+    ex.info.protocol = match parts.version {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP/1.1",
+    }
+    .into();
     ex.info.scheme = "http".into();
     ex.info.source_address = Some(peer);
     ex.info.destination_address = Some(local);
@@ -243,116 +270,367 @@ async fn proxy(
             .get(&route.config.cluster)
             .and_then(|c| c.metadata.clone());
     }
-    let exchange: SharedExchange = Arc::new(Mutex::new(ex));
+    ex
+}
 
+async fn proxy(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<Response<Body>, ProxyError> {
+    let (parts, body) = req.into_parts();
+    let exchange: SharedExchange = Arc::new(Mutex::new(new_exchange(active, &parts, peer, local)));
+    let host = exchange
+        .lock()
+        .request_headers
+        .get_str(":authority")
+        .unwrap_or_default();
     let mut running: Vec<Running> = active
         .filters
         .iter()
         .filter(|f| {
             f.matches
-                .matches(&authority, parts.uri.path(), parts.method.as_str())
+                .matches(&host, parts.uri.path(), parts.method.as_str())
         })
         .map(|f| Running {
             filter: f.clone(),
             ctx: 0,
             skipped: false,
+            pending: Vec::new(),
         })
         .collect();
-    let has_body = !hyper::body::Body::is_end_stream(&body);
-
-    let mut streamed = None;
-    let result = run_request(
-        state,
-        active,
-        &exchange,
-        &mut running,
-        body,
-        has_body,
-        &mut streamed,
-    )
-    .await;
-    let response = match result {
-        Ok(Flow::Continue) => forward(state, active, &exchange, &mut running, streamed).await,
-        Ok(Flow::Local(local)) => local_reply(state, active, &exchange, &mut running, local).await,
-        Ok(Flow::Reset) => Err(ProxyError::FilterFailed {
-            filter: "close_stream".into(),
-            message: "a filter reset the stream".into(),
-        }),
-        Err(e) => Err(e),
-    };
-    finish_all(state, &running);
-    response
+    let result = request_path(state, active, &exchange, &mut running, body).await;
+    match result {
+        Ok(Upstream::Response(resp)) => respond(state, active, exchange, running, resp).await,
+        Ok(Upstream::Local(reply)) => {
+            Ok(local_reply(state, active, exchange, running, reply).await)
+        }
+        Err(e) => {
+            finish_all(active, &running);
+            Err(e)
+        }
+    }
 }
 
-/// Request headers, then (when filters run) the buffered body and trailers.
-async fn run_request(
+/// What the request side ended in.
+enum Upstream {
+    Response(Response<Body>),
+    Local(LocalResponse),
+}
+
+/// Request headers through the filters, routing, then the upstream call with the request body
+/// streaming through the filters alongside it.
+async fn request_path(
     state: &Arc<State>,
     active: &Arc<Active>,
     exchange: &SharedExchange,
     running: &mut [Running],
     body: Incoming,
-    has_body: bool,
-    streamed: &mut Option<Incoming>,
-) -> Result<Flow, ProxyError> {
+) -> Result<Upstream, ProxyError> {
+    let has_body = !body.is_end_stream();
     for r in running.iter_mut() {
         if !start_stream(state, active, exchange, r)? {
             continue;
         }
-        let flow = callback(state, active, r, |vm, ctx| {
+        match callback(state, active, r, false, |vm, ctx| {
             vm.on_request_headers(ctx, !has_body)
         })
-        .await?;
-        if !matches!(flow, Flow::Continue) {
+        .await?
+        {
+            Flow::Continue | Flow::Buffer => {}
+            Flow::Local(reply) => return Ok(Upstream::Local(reply)),
+            Flow::Reset => {
+                return Err(ProxyError::Reset {
+                    filter: r.filter.name.clone(),
+                });
+            }
+        }
+    }
+    let (method, authority, path, headers) = {
+        let ex = exchange.lock();
+        let get = |k: &str| ex.request_headers.get_str(k).unwrap_or_default();
+        (
+            get(":method"),
+            get(":authority"),
+            get(":path"),
+            ex.request_headers.clone(),
+        )
+    };
+    let url_path = path.split('?').next().unwrap_or("/").to_string();
+    let cluster = active
+        .route(&authority, &url_path, &method, |h| headers.get_str(h))
+        .ok_or(ProxyError::NoRoute)?
+        .config
+        .cluster
+        .clone();
+    let request = crate::upstream::Outgoing {
+        cluster: &cluster,
+        method: &method,
+        authority: &authority,
+        path: &path,
+        headers: &headers,
+    };
+    if !has_body {
+        let resp = crate::upstream::send(state, active, &request, None).await?;
+        return Ok(Upstream::Response(resp));
+    }
+    if running.iter().all(|r| r.skipped || r.ctx == 0) {
+        // No filter on this request: the body streams straight through.
+        let body = body.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+        let resp = crate::upstream::send(state, active, &request, Some(body)).await?;
+        return Ok(Upstream::Response(resp));
+    }
+    let (tx, rx) = body::channel();
+    let upstream = crate::upstream::send(state, active, &request, Some(rx.boxed_unsync()));
+    let pump = pump_request(state, active, exchange, running, body, tx);
+    tokio::pin!(upstream);
+    tokio::pin!(pump);
+    // The upstream may answer before the body is through; the body still finishes (or fails).
+    let mut answered = None;
+    let pumped = loop {
+        tokio::select! {
+            flow = &mut pump => break flow,
+            resp = &mut upstream, if answered.is_none() => answered = Some(resp),
+        }
+    };
+    match pumped? {
+        Flow::Local(reply) => return Ok(Upstream::Local(reply)),
+        Flow::Reset => {
+            return Err(ProxyError::Reset {
+                filter: "request body".into(),
+            });
+        }
+        Flow::Continue | Flow::Buffer => {}
+    }
+    let resp = match answered {
+        Some(r) => r,
+        None => upstream.await,
+    }?;
+    Ok(Upstream::Response(resp))
+}
+
+/// Reads the request body frame by frame and feeds it through the filters to the upstream.
+async fn pump_request(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    exchange: &SharedExchange,
+    running: &mut [Running],
+    mut body: Incoming,
+    tx: body::BodySender,
+) -> Result<Flow, ProxyError> {
+    let order: Vec<usize> = (0..running.len()).collect();
+    let mut total = 0u64;
+    loop {
+        let frame = match body.frame().await {
+            None => None,
+            Some(Ok(f)) => Some(f),
+            Some(Err(e)) => {
+                tx.abort(e.to_string()).await;
+                return Err(ProxyError::BadRequestBody(e.to_string()));
+            }
+        };
+        let (data, trailers, eos) = match frame {
+            None => (Vec::new(), None, true),
+            Some(f) => match f.into_data() {
+                Ok(d) => (d.to_vec(), None, body.is_end_stream()),
+                Err(f) => (Vec::new(), f.into_trailers().ok(), true),
+            },
+        };
+        total += data.len() as u64;
+        exchange.lock().info.request_body_bytes = total;
+        let (out, flow) = match trailers {
+            None => {
+                body_chunk(
+                    state,
+                    active,
+                    exchange,
+                    running,
+                    &order,
+                    Direction::Request,
+                    data,
+                    eos,
+                )
+                .await
+            }
+            Some(t) => {
+                trailers_through(
+                    state,
+                    active,
+                    exchange,
+                    running,
+                    &order,
+                    Direction::Request,
+                    t,
+                )
+                .await
+            }
+        }?;
+        if let Some(flow) = flow {
+            tx.abort("a filter ended the request".into()).await;
             return Ok(flow);
         }
-    }
-    if !has_body {
-        return Ok(Flow::Continue);
-    }
-    if running.is_empty() {
-        // No filter wants the body: it streams straight to the upstream.
-        *streamed = Some(body);
-        return Ok(Flow::Continue);
-    }
-    let collected = Limited::new(body, active.buffer_limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ProxyError::BodyTooLarge
-            } else {
-                ProxyError::BadRequestBody(e.to_string())
-            }
-        })?;
-    let trailers = collected.trailers().cloned();
-    let bytes = collected.to_bytes();
-    {
-        let mut ex = exchange.lock();
-        ex.info.request_body_bytes = bytes.len() as u64;
-        ex.request_body = bytes.to_vec();
-        if let Some(t) = &trailers {
-            to_fields(t, &mut ex.request_trailers);
+        if !tx.data(out.data).await {
+            return Ok(Flow::Continue);
+        }
+        if let Some(t) = out.trailers {
+            tx.trailers(t).await;
+        }
+        if eos {
+            return Ok(Flow::Continue);
         }
     }
-    for r in running.iter_mut() {
-        let has_trailers = trailers.is_some();
-        let flow = callback(state, active, r, |vm, ctx| {
-            vm.on_request_body(ctx, !has_trailers)
+}
+
+/// What leaves the last filter for one chunk.
+struct ChunkOut {
+    data: Vec<u8>,
+    trailers: Option<HeaderMap>,
+}
+
+/// Feeds one chunk through the filters in `order`. Each filter holds its own pending bytes
+/// while it pauses; the body callback sees them all (sizes are cumulative) and nothing passes
+/// the filter until it continues.
+#[allow(clippy::too_many_arguments)]
+async fn body_chunk(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    exchange: &SharedExchange,
+    running: &mut [Running],
+    order: &[usize],
+    direction: Direction,
+    mut data: Vec<u8>,
+    eos: bool,
+) -> Result<(ChunkOut, Option<Flow>), ProxyError> {
+    for &i in order {
+        let r = &mut running[i];
+        if r.skipped || r.ctx == 0 {
+            continue;
+        }
+        if data.is_empty() && !eos {
+            break;
+        }
+        r.pending.append(&mut data);
+        if r.pending.len() > active.buffer_limit {
+            return Err(match direction {
+                Direction::Request => ProxyError::BodyTooLarge,
+                Direction::Response => ProxyError::FilterFailed {
+                    filter: r.filter.name.clone(),
+                    message: "the response body exceeds the filter buffer limit".into(),
+                },
+            });
+        }
+        set_body(exchange, direction, std::mem::take(&mut r.pending));
+        let flow = callback(state, active, r, !eos, |vm, ctx| match direction {
+            Direction::Request => vm.on_request_body(ctx, eos),
+            Direction::Response => vm.on_response_body(ctx, eos),
         })
         .await?;
-        if !matches!(flow, Flow::Continue) {
-            return Ok(flow);
-        }
-        if has_trailers {
-            let flow = callback(state, active, r, |vm, ctx| vm.on_request_trailers(ctx)).await?;
-            if !matches!(flow, Flow::Continue) {
-                return Ok(flow);
+        let held = take_body(exchange, direction);
+        match flow {
+            Flow::Buffer => {
+                r.pending = held;
+                return Ok((
+                    ChunkOut {
+                        data: Vec::new(),
+                        trailers: None,
+                    },
+                    None,
+                ));
+            }
+            Flow::Continue => data = held,
+            other => {
+                return Ok((
+                    ChunkOut {
+                        data: Vec::new(),
+                        trailers: None,
+                    },
+                    Some(other),
+                ));
             }
         }
     }
-    Ok(Flow::Continue)
+    Ok((
+        ChunkOut {
+            data,
+            trailers: None,
+        },
+        None,
+    ))
+}
+
+/// Trailers end the body: each filter's trailer callback runs, and whatever it still held
+/// flows on with them (filters after a buffering one see that data only here).
+async fn trailers_through(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    exchange: &SharedExchange,
+    running: &mut [Running],
+    order: &[usize],
+    direction: Direction,
+    trailers: HeaderMap,
+) -> Result<(ChunkOut, Option<Flow>), ProxyError> {
+    {
+        let mut ex = exchange.lock();
+        let map = match direction {
+            Direction::Request => &mut ex.request_trailers,
+            Direction::Response => &mut ex.response_trailers,
+        };
+        *map = Fields::new();
+        to_fields(&trailers, map);
+    }
+    let mut data = Vec::new();
+    for &i in order {
+        let r = &mut running[i];
+        if r.skipped || r.ctx == 0 {
+            continue;
+        }
+        r.pending.append(&mut data);
+        let flow = callback(state, active, r, false, |vm, ctx| match direction {
+            Direction::Request => vm.on_request_trailers(ctx),
+            Direction::Response => vm.on_response_trailers(ctx),
+        })
+        .await?;
+        if let Flow::Local(_) | Flow::Reset = flow {
+            return Ok((
+                ChunkOut {
+                    data: Vec::new(),
+                    trailers: None,
+                },
+                Some(flow),
+            ));
+        }
+        data = std::mem::take(&mut r.pending);
+    }
+    let ex = exchange.lock();
+    let map = match direction {
+        Direction::Request => &ex.request_trailers,
+        Direction::Response => &ex.response_trailers,
+    };
+    Ok((
+        ChunkOut {
+            data,
+            trailers: Some(to_header_map(map)),
+        },
+        None,
+    ))
+}
+
+fn set_body(exchange: &SharedExchange, direction: Direction, bytes: Vec<u8>) {
+    let mut ex = exchange.lock();
+    match direction {
+        Direction::Request => ex.request_body = bytes,
+        Direction::Response => ex.response_body = bytes,
+    }
+}
+
+fn take_body(exchange: &SharedExchange, direction: Direction) -> Vec<u8> {
+    let mut ex = exchange.lock();
+    match direction {
+        Direction::Request => std::mem::take(&mut ex.request_body),
+        Direction::Response => std::mem::take(&mut ex.response_body),
+    }
 }
 
 /// Creates the filter's stream context; `false` if the filter is skipped (FailOpen).
@@ -418,11 +696,13 @@ fn with_vm<T>(
 }
 
 /// Runs one stream callback and everything it leads to (callouts and their answers) until the
-/// filter continues, replies locally, or resets the stream.
+/// filter continues, replies locally, or resets the stream. `buffering`: a pause with nothing
+/// outstanding means "give me more body" ([`Flow::Buffer`]) rather than a stall.
 async fn callback(
     state: &Arc<State>,
     active: &Arc<Active>,
     r: &mut Running,
+    buffering: bool,
     call: impl FnOnce(&mut Vm, u32) -> Result<Action, CallbackError>,
 ) -> Result<Flow, ProxyError> {
     if r.skipped {
@@ -458,17 +738,16 @@ async fn callback(
                 }
                 Effect::GrpcCall(call) | Effect::GrpcStreamOpen(call) => {
                     // gRPC callouts are not carried out by the dataplane yet: the filter is
-                    // told the call is unavailable, as it would be for an unreachable upstream.
+                    // told the call is unavailable, as for an unreachable upstream.
                     let token = call.token;
-                    let result = with_vm(active, r, |vm, _| {
+                    match with_vm(active, r, |vm, _| {
                         vm.on_grpc_close(
                             token,
                             14,
                             "gRPC callouts are not supported by this dataplane yet",
                         )?;
                         Ok(vm.take_effects())
-                    });
-                    match result {
+                    }) {
                         Ok(more) => effects.extend(more),
                         Err(e) => return callback_failed(state, r, e).map(|_| Flow::Continue),
                     }
@@ -482,12 +761,10 @@ async fn callback(
         if resumed {
             return Ok(Flow::Continue);
         }
-        let Some(done) = pending.join_next().await else {
-            return Err(ProxyError::FilterStalled {
-                filter: r.filter.name.clone(),
-            });
-        };
-        let Ok((token, response)) = done else {
+        if pending.is_empty() && buffering {
+            return Ok(Flow::Buffer);
+        }
+        let Some(Ok((token, response))) = pending.join_next().await else {
             return Err(ProxyError::FilterStalled {
                 filter: r.filter.name.clone(),
             });
@@ -512,43 +789,13 @@ fn callback_failed(
     on_failure(state, r, e.to_string())
 }
 
-/// Routes on the (possibly rewritten) request and forwards it, then runs the response side.
-async fn forward(
-    state: &Arc<State>,
-    active: &Arc<Active>,
-    exchange: &SharedExchange,
-    running: &mut [Running],
-    streamed: Option<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
-    let (method, authority, path, headers, body) = {
-        let ex = exchange.lock();
-        let get = |k: &str| ex.request_headers.get_str(k).unwrap_or_default();
-        (
-            get(":method"),
-            get(":authority"),
-            get(":path"),
-            ex.request_headers.clone(),
-            ex.request_body.clone(),
-        )
-    };
-    let url_path = path.split('?').next().unwrap_or("/").to_string();
-    let route = active
-        .route(&authority, &url_path, &method, |h| headers.get_str(h))
-        .ok_or(ProxyError::NoRoute)?;
-    let cluster = route.config.cluster.clone();
-    let upstream = crate::upstream::send(
-        state, active, &cluster, &method, &authority, &path, &headers, body, streamed,
-    )
-    .await?;
-    respond(state, active, exchange, running, upstream).await
-}
-
-/// Runs the response callbacks (reverse order) on the upstream's (or a local) response.
+/// Runs the response side: headers through the filters (reverse order), then the body and
+/// trailers streaming through them to the client. The stream contexts end when the body does.
 async fn respond(
     state: &Arc<State>,
     active: &Arc<Active>,
-    exchange: &SharedExchange,
-    running: &mut [Running],
+    exchange: SharedExchange,
+    mut running: Vec<Running>,
     upstream: Response<Body>,
 ) -> Result<Response<Body>, ProxyError> {
     let (parts, body) = upstream.into_parts();
@@ -559,72 +806,56 @@ async fn respond(
         to_fields(&parts.headers, &mut ex.response_headers);
         ex.info.response_code = Some(parts.status.as_u16());
     }
-    if running.iter().all(|r| r.skipped) {
+    if running.iter().all(|r| r.skipped || r.ctx == 0) {
+        finish_all(active, &running);
         let mut resp = Response::new(body);
         *resp.status_mut() = parts.status;
         *resp.headers_mut() = to_header_map(&exchange.lock().response_headers);
         add_via(resp.headers_mut());
         return Ok(resp);
     }
-    let has_body = !hyper::body::Body::is_end_stream(&body);
-    for r in running.iter_mut().rev() {
-        if let Flow::Local(local) = callback(state, active, r, |vm, ctx| {
+    let has_body = !body.is_end_stream();
+    for i in (0..running.len()).rev() {
+        let flow = callback(state, active, &mut running[i], false, |vm, ctx| {
             vm.on_response_headers(ctx, !has_body)
         })
-        .await?
-        {
-            return Ok(local_to_response(&local));
-        }
-    }
-    let collected = Limited::new(body, active.buffer_limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ProxyError::ResponseTooLarge
-            } else {
-                ProxyError::UpstreamProtocol {
-                    cluster: "upstream".into(),
-                    message: e.to_string(),
-                }
+        .await;
+        match flow {
+            Ok(Flow::Local(reply)) => {
+                finish_all(active, &running);
+                return Ok(local_to_response(&reply));
             }
-        })?;
-    let trailers = collected.trailers().cloned();
-    let bytes = collected.to_bytes();
-    {
-        let mut ex = exchange.lock();
-        ex.info.response_body_bytes = bytes.len() as u64;
-        ex.response_body = bytes.to_vec();
-        if let Some(t) = &trailers {
-            to_fields(t, &mut ex.response_trailers);
-        }
-    }
-    if has_body {
-        for r in running.iter_mut().rev() {
-            let eos = trailers.is_none();
-            if let Flow::Local(local) =
-                callback(state, active, r, |vm, ctx| vm.on_response_body(ctx, eos)).await?
-            {
-                return Ok(local_to_response(&local));
+            Ok(Flow::Reset) => {
+                finish_all(active, &running);
+                return Err(ProxyError::Reset {
+                    filter: running[i].filter.name.clone(),
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                finish_all(active, &running);
+                return Err(e);
             }
         }
     }
-    if trailers.is_some() {
-        for r in running.iter_mut().rev() {
-            if let Flow::Local(local) =
-                callback(state, active, r, |vm, ctx| vm.on_response_trailers(ctx)).await?
-            {
-                return Ok(local_to_response(&local));
-            }
-        }
+    let head = response_head(&exchange);
+    if !has_body {
+        finish_all(active, &running);
+        return Ok(head.map(|_| full(Bytes::new())));
     }
-    Ok(build_response(exchange))
+    let (tx, rx) = body::channel();
+    let (state, active) = (state.clone(), active.clone());
+    tokio::task::spawn_local(async move {
+        pump_response(&state, &active, &exchange, &mut running, body, tx).await;
+        finish_all(&active, &running);
+    });
+    Ok(head.map(|_| rx.boxed_unsync()))
 }
 
-fn build_response(exchange: &SharedExchange) -> Response<Body> {
-    let mut ex = exchange.lock();
+/// The response head as the filters left it. Filters may change the body, so the length is
+/// left to the transfer encoding.
+fn response_head(exchange: &SharedExchange) -> Response<()> {
+    let ex = exchange.lock();
     let status = ex
         .response_headers
         .get_str(":status")
@@ -633,19 +864,86 @@ fn build_response(exchange: &SharedExchange) -> Response<Body> {
         .unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = to_header_map(&ex.response_headers);
     headers.remove(http::header::CONTENT_LENGTH);
-    let body = std::mem::take(&mut ex.response_body);
-    let trailers = (!ex.response_trailers.is_empty()).then(|| to_header_map(&ex.response_trailers));
-    let body: Body = match trailers {
-        None => full(body),
-        Some(t) => full(body)
-            .with_trailers(async move { Some(Ok(t)) })
-            .boxed_unsync(),
-    };
-    let mut resp = Response::new(body);
+    let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     add_via(resp.headers_mut());
     resp
+}
+
+async fn pump_response(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    exchange: &SharedExchange,
+    running: &mut [Running],
+    mut body: Body,
+    tx: body::BodySender,
+) {
+    let order: Vec<usize> = (0..running.len()).rev().collect();
+    let mut total = 0u64;
+    loop {
+        let frame = match body.frame().await {
+            None => None,
+            Some(Ok(f)) => Some(f),
+            Some(Err(e)) => {
+                tx.abort(format!("upstream body failed: {e}")).await;
+                return;
+            }
+        };
+        let (data, trailers, eos) = match frame {
+            None => (Vec::new(), None, true),
+            Some(f) => match f.into_data() {
+                Ok(d) => (d.to_vec(), None, body.is_end_stream()),
+                Err(f) => (Vec::new(), f.into_trailers().ok(), true),
+            },
+        };
+        total += data.len() as u64;
+        exchange.lock().info.response_body_bytes = total;
+        let result = match trailers {
+            None => {
+                body_chunk(
+                    state,
+                    active,
+                    exchange,
+                    running,
+                    &order,
+                    Direction::Response,
+                    data,
+                    eos,
+                )
+                .await
+            }
+            Some(t) => {
+                trailers_through(
+                    state,
+                    active,
+                    exchange,
+                    running,
+                    &order,
+                    Direction::Response,
+                    t,
+                )
+                .await
+            }
+        };
+        let out = match result {
+            Ok((out, None)) => out,
+            // The head is already on its way: a failure now can only reset the stream.
+            Ok((_, Some(_))) | Err(_) => {
+                tx.abort("a filter ended the response".into()).await;
+                return;
+            }
+        };
+        if !tx.data(out.data).await {
+            return;
+        }
+        if let Some(t) = out.trailers {
+            tx.trailers(t).await;
+        }
+        if eos {
+            return;
+        }
+    }
 }
 
 fn add_via(headers: &mut HeaderMap) {
@@ -682,10 +980,10 @@ fn local_to_response(local: &LocalResponse) -> Response<Body> {
 async fn local_reply(
     state: &Arc<State>,
     active: &Arc<Active>,
-    exchange: &SharedExchange,
-    running: &mut [Running],
+    exchange: SharedExchange,
+    mut running: Vec<Running>,
     local: LocalResponse,
-) -> Result<Response<Body>, ProxyError> {
+) -> Response<Body> {
     let mut resp = local_to_response(&local);
     {
         let mut ex = exchange.lock();
@@ -699,36 +997,38 @@ async fn local_reply(
     }
     for r in running.iter_mut().rev().filter(|r| r.ctx != 0) {
         // A second local reply from the response side is ignored: the first one stands.
-        let _ = callback(state, active, r, |vm, ctx| {
+        let _ = callback(state, active, r, false, |vm, ctx| {
             vm.on_response_headers(ctx, local.body.is_empty())
         })
-        .await?;
+        .await;
     }
+    finish_all(active, &running);
     let ex = exchange.lock();
     let mut headers = to_header_map(&ex.response_headers);
     headers.remove(http::header::CONTENT_LENGTH);
     *resp.headers_mut() = headers;
-    Ok(resp)
+    resp
 }
 
 /// Ends every filter's stream context, whatever happened to the request.
-fn finish_all(state: &Arc<State>, running: &[Running]) {
-    let _ = state;
+fn finish_all(active: &Arc<Active>, running: &[Running]) {
     WORKER_VMS.with(|vms| {
         let mut vms = vms.borrow_mut();
+        vms.sync(active);
         for r in running.iter().filter(|r| r.ctx != 0) {
             if let Some((vm, _)) = vms
                 .slots
                 .get_mut(&(r.filter.name.clone(), r.filter.version))
                 .and_then(|s| s.vm.as_mut())
             {
-                if let Err(e) = vm.finish_stream(r.ctx) {
-                    tracing::warn!(filter = %r.filter.name, %e, "finishing the stream failed");
-                    let _ = vm.take_effects();
-                    vms.fail(&r.filter, &e);
-                } else {
-                    let _ = vm.take_effects();
-                    vms.succeeded(&r.filter);
+                let result = vm.finish_stream(r.ctx);
+                let _ = vm.take_effects();
+                match result {
+                    Ok(()) => vms.succeeded(&r.filter),
+                    Err(e) => {
+                        tracing::warn!(filter = %r.filter.name, %e, "finishing the stream failed");
+                        vms.fail(&r.filter, &e);
+                    }
                 }
             }
         }

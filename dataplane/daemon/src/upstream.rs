@@ -6,12 +6,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use wasmfilter_host::{Fields, HttpCallResponse, HttpCallout};
 
+use crate::body::BoxError;
 use crate::chain::Active;
 use crate::proxy::{Body, ProxyError, full};
 use crate::state::State;
@@ -36,58 +36,50 @@ impl Default for Clients {
     }
 }
 
-/// Sends the request to `cluster` and returns its response (the body streams). Endpoints are
-/// tried in order while they refuse connections, unless the request body is being streamed.
-#[allow(clippy::too_many_arguments)]
+/// The request as it leaves for the upstream (after the filters ran on its headers).
+pub struct Outgoing<'a> {
+    pub cluster: &'a str,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub headers: &'a Fields,
+}
+
+/// Sends the request to its cluster and returns the response (its body streams). Endpoints
+/// are tried in order while they refuse connections, as long as there is no body to replay.
 pub async fn send(
     state: &Arc<State>,
     active: &Arc<Active>,
-    cluster: &str,
-    method: &str,
-    authority: &str,
-    path: &str,
-    headers: &Fields,
-    body: Vec<u8>,
-    mut streamed: Option<Incoming>,
+    out: &Outgoing<'_>,
+    body: Option<Body>,
 ) -> Result<Response<Body>, ProxyError> {
+    let cluster = out.cluster;
     let entry = active.clusters.get(cluster).ok_or(ProxyError::NoRoute)?;
     if active.is_builtin_echo(cluster) {
-        return Ok(echo(method, path, headers, body));
+        return Ok(echo(out, body).await);
     }
     let protocol = |message: String| ProxyError::UpstreamProtocol {
         cluster: cluster.into(),
         message,
     };
+    let mut body = body;
     let mut last_error = String::new();
     for endpoint in &entry.config.endpoints {
-        let uri: Uri = format!("http://{endpoint}{path}")
+        let uri: Uri = format!("http://{endpoint}{}", out.path)
             .parse()
             .map_err(|e: http::uri::InvalidUri| protocol(e.to_string()))?;
-        let mut req = Request::builder().method(method).uri(uri);
+        let mut req = Request::builder().method(out.method).uri(uri);
         let hm = req.headers_mut().expect("builder is fresh");
-        for (k, v) in headers.iter() {
-            if k.starts_with(':') {
-                continue;
-            }
-            if let (Ok(name), Ok(value)) = (
-                http::HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_bytes(v),
-            ) {
-                hm.append(name, value);
-            }
-        }
-        if let Ok(host) = HeaderValue::from_str(authority) {
+        *hm = crate::proxy::to_header_map(out.headers);
+        if let Ok(host) = HeaderValue::from_str(out.authority) {
             hm.insert(http::header::HOST, host);
         }
         hm.append(
             http::header::VIA,
             HeaderValue::from_static("1.1 wasmfilter"),
         );
-        let was_streamed = streamed.is_some();
-        let req_body: Body = match streamed.take() {
-            Some(incoming) => incoming.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
-            None => full(body.clone()),
-        };
+        let streamed = body.is_some();
+        let req_body = body.take().unwrap_or_else(|| full(Bytes::new()));
         let req = req.body(req_body).map_err(|e| protocol(e.to_string()))?;
         let client = if entry.config.http2 {
             &state.clients.http2
@@ -106,7 +98,7 @@ pub async fn send(
             }
             Ok(Err(e)) if e.is_connect() => {
                 last_error = format!("{endpoint}: {e}");
-                if was_streamed {
+                if streamed {
                     break;
                 }
             }
@@ -123,12 +115,22 @@ pub async fn send(
     })
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// The built-in `echo` upstream: answers 200 with the request it received as JSON, so a
-/// standalone dataplane shows its filters at work without any other server.
-fn echo(method: &str, path: &str, headers: &Fields, body: Vec<u8>) -> Response<Body> {
-    let header_map: serde_json::Map<String, serde_json::Value> = headers
+/// standalone dataplane shows its filters at work without any other server. Request trailers
+/// come back as response trailers.
+async fn echo(out: &Outgoing<'_>, body: Option<Body>) -> Response<Body> {
+    let (bytes, trailers) = match body {
+        None => (Bytes::new(), None),
+        Some(b) => match b.collect().await {
+            Ok(c) => {
+                let t = c.trailers().cloned();
+                (c.to_bytes(), t)
+            }
+            Err(e) => (Bytes::from(format!("<body failed: {e}>")), None),
+        },
+    };
+    let header_map: serde_json::Map<String, serde_json::Value> = out
+        .headers
         .iter()
         .filter(|(k, _)| !k.starts_with(':'))
         .map(|(k, v)| {
@@ -139,14 +141,20 @@ fn echo(method: &str, path: &str, headers: &Fields, body: Vec<u8>) -> Response<B
         })
         .collect();
     let json = serde_json::json!({
-        "method": method,
-        "path": path,
+        "method": out.method,
+        "path": out.path,
         "headers": header_map,
-        "body": String::from_utf8_lossy(&body),
+        "body": String::from_utf8_lossy(&bytes),
     });
     let mut text = serde_json::to_string_pretty(&json).unwrap_or_default();
     text.push('\n');
-    let mut resp = Response::new(full(text));
+    let body = match trailers {
+        None => full(text),
+        Some(t) => full(text)
+            .with_trailers(async move { Some(Ok(t)) })
+            .boxed_unsync(),
+    };
+    let mut resp = Response::new(body);
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -172,17 +180,7 @@ pub async fn callout(
     let uri: Uri = format!("http://{endpoint}{path}").parse().ok()?;
     let mut req = Request::builder().method(method.as_str()).uri(uri);
     let hm = req.headers_mut()?;
-    for (k, v) in call.headers.iter() {
-        if k.starts_with(':') {
-            continue;
-        }
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_bytes(v),
-        ) {
-            hm.append(name, value);
-        }
-    }
+    *hm = crate::proxy::to_header_map(&call.headers);
     if let Some(Ok(host)) = call.headers.get(":authority").map(HeaderValue::from_bytes) {
         hm.insert(http::header::HOST, host);
     }

@@ -50,7 +50,27 @@ fn http(
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, head.to_ascii_lowercase(), body.to_string())
+    let head = head.to_ascii_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(body).0
+    } else {
+        body.to_string()
+    };
+    (status, head, body)
+}
+
+/// Decodes a chunked body; returns the data and the trailer section.
+fn dechunk(mut rest: &str) -> (String, String) {
+    let mut data = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).expect("hex size");
+        if size == 0 {
+            return (data, after.trim_end_matches("\r\n").to_string());
+        }
+        data.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
 }
 
 #[test]
