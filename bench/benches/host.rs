@@ -182,8 +182,9 @@ fn streams(c: &mut Criterion) {
     let module = host.load(&header_rewrite_bytes()).expect("filter loads");
     let (mut vm, root) = start(&host, &module, HEADER_REWRITE_CONFIG);
     let mut g = c.benchmark_group("stream");
-    // 3. One whole stream: 5 callbacks (context create, request headers, response headers,
-    // done+log+delete in finish_stream). The exchange is built outside the timed section.
+    // 3. One whole stream: 6 guest callbacks (context create, request headers, response
+    // headers, then done, log and delete in finish_stream) and 3 header hostcalls. The
+    // exchange is built outside the timed section.
     g.bench_function("full_lifecycle_rust_sdk", |b| {
         b.iter_batched(
             new_exchange,

@@ -1,1 +1,1 @@
-//! Benchmarks live in benches/; see docs/benchmarks.md.
+//! Benchmarks live in benches/; see README.md (what each one measures, how to run, results).

@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -228,9 +229,14 @@ impl LoadedFilter {
     }
 }
 
+/// A worker's VM for one filter with the plugin's root context id. Requests hold a clone for
+/// their whole life, so a VM replaced by a swap or a failure stays alive (and its stream
+/// contexts valid) until the requests that started streams on it are done.
+pub type VmHandle = Rc<RefCell<(Vm, u32)>>;
+
 /// A worker's VM for one filter, or why it has none right now.
 pub struct Slot {
-    pub vm: Option<(Vm, u32)>,
+    pub vm: Option<VmHandle>,
     pub failures: u32,
     pub retry_at: Option<Instant>,
 }
@@ -253,9 +259,11 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 impl WorkerVms {
-    /// Drops VMs of filters that are no longer in `active` (after a swap).
+    /// After a swap, forgets the VMs of filters the new configuration no longer has (requests
+    /// still using them keep them alive). Only moves forward: a request that loaded an older
+    /// configuration does not bring old slots back.
     pub fn sync(&mut self, active: &Active) {
-        if self.generation == active.generation {
+        if active.generation <= self.generation {
             return;
         }
         self.generation = active.generation;
@@ -275,7 +283,7 @@ impl WorkerVms {
         filter: &LoadedFilter,
         embedder: &Arc<ClusterNames>,
         stats: &crate::metrics::Metrics,
-    ) -> Result<&mut (Vm, u32), String> {
+    ) -> Result<VmHandle, String> {
         let slot = self
             .slots
             .entry((filter.name.clone(), filter.version))
@@ -284,35 +292,41 @@ impl WorkerVms {
                 failures: 0,
                 retry_at: None,
             });
-        if slot.vm.is_none() {
-            if let Some(at) = slot.retry_at
-                && Instant::now() < at
-            {
-                return Err(format!(
-                    "filter {} is restarting after a failure",
-                    filter.name
-                ));
+        if let Some(vm) = &slot.vm {
+            return Ok(vm.clone());
+        }
+        if let Some(at) = slot.retry_at
+            && Instant::now() < at
+        {
+            return Err(format!(
+                "filter {} is restarting after a failure",
+                filter.name
+            ));
+        }
+        match filter.instantiate(host, embedder.clone()) {
+            Ok(vm) => {
+                if slot.failures > 0 {
+                    stats.vm_restart(&filter.name);
+                }
+                let handle = Rc::new(RefCell::new(vm));
+                slot.vm = Some(handle.clone());
+                Ok(handle)
             }
-            match filter.instantiate(host, embedder.clone()) {
-                Ok(vm) => {
-                    if slot.failures > 0 {
-                        stats.vm_restart(&filter.name);
-                    }
-                    slot.vm = Some(vm);
-                }
-                Err(e) => {
-                    slot.failures += 1;
-                    slot.retry_at = Some(Instant::now() + backoff(slot.failures));
-                    return Err(format!("filter {} could not start: {e}", filter.name));
-                }
+            Err(e) => {
+                slot.failures += 1;
+                slot.retry_at = Some(Instant::now() + backoff(slot.failures));
+                Err(format!("filter {} could not start: {e}", filter.name))
             }
         }
-        Ok(slot.vm.as_mut().expect("just set"))
     }
 
-    /// Records a callback failure: the VM is dropped and rebuilt after a backoff.
-    pub fn fail(&mut self, filter: &LoadedFilter, error: &CallbackError) {
-        if let Some(slot) = self.slots.get_mut(&(filter.name.clone(), filter.version)) {
+    /// Records a callback failure: the slot's VM is dropped (once its requests finish) and
+    /// rebuilt after a backoff.
+    pub fn fail(&mut self, filter: &LoadedFilter, vm: &VmHandle, error: &CallbackError) {
+        if let Some(slot) = self.slots.get_mut(&(filter.name.clone(), filter.version))
+            // A VM already replaced (by a swap or an earlier failure) leaves its successor alone.
+            && slot.vm.as_ref().is_some_and(|current| Rc::ptr_eq(current, vm))
+        {
             tracing::warn!(filter = %filter.name, %error, "filter failed; its VM will be rebuilt");
             slot.vm = None;
             slot.failures += 1;
@@ -323,7 +337,6 @@ impl WorkerVms {
     pub fn succeeded(&mut self, filter: &LoadedFilter) {
         if let Some(slot) = self.slots.get_mut(&(filter.name.clone(), filter.version))
             && slot.failures > 0
-            && slot.vm.is_some()
         {
             slot.failures = 0;
         }

@@ -31,7 +31,7 @@ use wasmfilter_host::{
 };
 
 use crate::body::{self, BoxError};
-use crate::chain::{Active, LoadedFilter, WORKER_VMS};
+use crate::chain::{Active, LoadedFilter, VmHandle, WORKER_VMS};
 use crate::state::State;
 
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -43,6 +43,7 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 /// Headers that describe one connection and are never forwarded (RFC 9110 §7.6.1).
+/// `Trailer` is forwarded: HTTP/1.1 peers only accept trailer fields it announces.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
@@ -50,7 +51,6 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
 ];
@@ -132,6 +132,8 @@ impl ProxyError {
 /// holds while paused.
 struct Running {
     filter: Arc<LoadedFilter>,
+    /// The VM this request's stream context lives in, pinned for the request's life.
+    vm: Option<VmHandle>,
     ctx: u32,
     skipped: bool,
     pending: Vec<u8>,
@@ -296,6 +298,7 @@ async fn proxy(
         })
         .map(|f| Running {
             filter: f.clone(),
+            vm: None,
             ctx: 0,
             skipped: false,
             pending: Vec::new(),
@@ -308,7 +311,7 @@ async fn proxy(
             Ok(local_reply(state, active, exchange, running, reply).await)
         }
         Err(e) => {
-            finish_all(active, &running);
+            finish_all(&running);
             Err(e)
         }
     }
@@ -434,7 +437,9 @@ async fn pump_request(
         let (data, trailers, eos) = match frame {
             None => (Vec::new(), None, true),
             Some(f) => match f.into_data() {
-                Ok(d) => (d.to_vec(), None, body.is_end_stream()),
+                // End of stream comes only from the end of the body or its trailers:
+                // `is_end_stream` may already be true while trailers are still to come.
+                Ok(d) => (d.to_vec(), None, false),
                 Err(f) => (Vec::new(), f.into_trailers().ok(), true),
             },
         };
@@ -640,12 +645,20 @@ fn start_stream(
     exchange: &SharedExchange,
     r: &mut Running,
 ) -> Result<bool, ProxyError> {
-    let result = WORKER_VMS.with(|vms| {
+    let handle = WORKER_VMS.with(|vms| {
         let mut vms = vms.borrow_mut();
         vms.sync(active);
-        let (vm, root) = vms.get(&state.host, &r.filter, &active.embedder, &state.metrics)?;
-        vm.create_stream(*root, exchange.clone())
-            .map_err(|e| e.to_string())
+        vms.get(&state.host, &r.filter, &active.embedder, &state.metrics)
+    });
+    let result = handle.and_then(|h| {
+        let ctx = {
+            let mut guard = h.borrow_mut();
+            let (vm, root) = &mut *guard;
+            vm.create_stream(*root, exchange.clone())
+                .map_err(|e| e.to_string())?
+        };
+        r.vm = Some(h);
+        Ok(ctx)
     });
     match result {
         Ok(ctx) => {
@@ -675,24 +688,13 @@ fn on_failure(state: &Arc<State>, r: &mut Running, message: String) -> Result<()
 }
 
 fn with_vm<T>(
-    active: &Arc<Active>,
     r: &Running,
     f: impl FnOnce(&mut Vm, u32) -> Result<T, CallbackError>,
 ) -> Result<T, CallbackError> {
-    WORKER_VMS.with(|vms| {
-        let mut vms = vms.borrow_mut();
-        vms.sync(active);
-        match vms
-            .slots
-            .get_mut(&(r.filter.name.clone(), r.filter.version))
-            .and_then(|s| s.vm.as_mut())
-        {
-            Some((vm, _)) => f(vm, r.ctx),
-            None => Err(CallbackError::VmFailed(
-                "the VM was rebuilt during this request".into(),
-            )),
-        }
-    })
+    match &r.vm {
+        Some(handle) => f(&mut handle.borrow_mut().0, r.ctx),
+        None => Err(CallbackError::UnknownContext(r.ctx)),
+    }
 }
 
 /// Runs one stream callback and everything it leads to (callouts and their answers) until the
@@ -709,7 +711,7 @@ async fn callback(
         return Ok(Flow::Continue);
     }
     let started = Instant::now();
-    let result = with_vm(active, r, |vm, ctx| {
+    let result = with_vm(r, |vm, ctx| {
         Ok((call(vm, ctx)?, vm.take_effects(), vm.memory_bytes()))
     });
     state
@@ -740,7 +742,7 @@ async fn callback(
                     // gRPC callouts are not carried out by the dataplane yet: the filter is
                     // told the call is unavailable, as for an unreachable upstream.
                     let token = call.token;
-                    match with_vm(active, r, |vm, _| {
+                    match with_vm(r, |vm, _| {
                         vm.on_grpc_close(
                             token,
                             14,
@@ -769,7 +771,7 @@ async fn callback(
                 filter: r.filter.name.clone(),
             });
         };
-        match with_vm(active, r, |vm, _| {
+        match with_vm(r, |vm, _| {
             vm.on_http_call_response(token, response)?;
             Ok(vm.take_effects())
         }) {
@@ -785,7 +787,9 @@ fn callback_failed(
     e: CallbackError,
 ) -> Result<(), ProxyError> {
     state.metrics.trap(&r.filter.name);
-    WORKER_VMS.with(|vms| vms.borrow_mut().fail(&r.filter, &e));
+    if let Some(handle) = &r.vm {
+        WORKER_VMS.with(|vms| vms.borrow_mut().fail(&r.filter, handle, &e));
+    }
     on_failure(state, r, e.to_string())
 }
 
@@ -807,7 +811,7 @@ async fn respond(
         ex.info.response_code = Some(parts.status.as_u16());
     }
     if running.iter().all(|r| r.skipped || r.ctx == 0) {
-        finish_all(active, &running);
+        finish_all(&running);
         let mut resp = Response::new(body);
         *resp.status_mut() = parts.status;
         *resp.headers_mut() = to_header_map(&exchange.lock().response_headers);
@@ -822,32 +826,32 @@ async fn respond(
         .await;
         match flow {
             Ok(Flow::Local(reply)) => {
-                finish_all(active, &running);
+                finish_all(&running);
                 return Ok(local_to_response(&reply));
             }
             Ok(Flow::Reset) => {
-                finish_all(active, &running);
+                finish_all(&running);
                 return Err(ProxyError::Reset {
                     filter: running[i].filter.name.clone(),
                 });
             }
             Ok(_) => {}
             Err(e) => {
-                finish_all(active, &running);
+                finish_all(&running);
                 return Err(e);
             }
         }
     }
     let head = response_head(&exchange);
     if !has_body {
-        finish_all(active, &running);
+        finish_all(&running);
         return Ok(head.map(|_| full(Bytes::new())));
     }
     let (tx, rx) = body::channel();
     let (state, active) = (state.clone(), active.clone());
     tokio::task::spawn_local(async move {
         pump_response(&state, &active, &exchange, &mut running, body, tx).await;
-        finish_all(&active, &running);
+        finish_all(&running);
     });
     Ok(head.map(|_| rx.boxed_unsync()))
 }
@@ -893,7 +897,9 @@ async fn pump_response(
         let (data, trailers, eos) = match frame {
             None => (Vec::new(), None, true),
             Some(f) => match f.into_data() {
-                Ok(d) => (d.to_vec(), None, body.is_end_stream()),
+                // End of stream comes only from the end of the body or its trailers:
+                // `is_end_stream` may already be true while trailers are still to come.
+                Ok(d) => (d.to_vec(), None, false),
                 Err(f) => (Vec::new(), f.into_trailers().ok(), true),
             },
         };
@@ -1002,7 +1008,7 @@ async fn local_reply(
         })
         .await;
     }
-    finish_all(active, &running);
+    finish_all(&running);
     let ex = exchange.lock();
     let mut headers = to_header_map(&ex.response_headers);
     headers.remove(http::header::CONTENT_LENGTH);
@@ -1011,28 +1017,26 @@ async fn local_reply(
 }
 
 /// Ends every filter's stream context, whatever happened to the request.
-fn finish_all(active: &Arc<Active>, running: &[Running]) {
-    WORKER_VMS.with(|vms| {
-        let mut vms = vms.borrow_mut();
-        vms.sync(active);
-        for r in running.iter().filter(|r| r.ctx != 0) {
-            if let Some((vm, _)) = vms
-                .slots
-                .get_mut(&(r.filter.name.clone(), r.filter.version))
-                .and_then(|s| s.vm.as_mut())
-            {
-                let result = vm.finish_stream(r.ctx);
-                let _ = vm.take_effects();
-                match result {
-                    Ok(()) => vms.succeeded(&r.filter),
-                    Err(e) => {
-                        tracing::warn!(filter = %r.filter.name, %e, "finishing the stream failed");
-                        vms.fail(&r.filter, &e);
-                    }
+fn finish_all(running: &[Running]) {
+    for r in running.iter().filter(|r| r.ctx != 0) {
+        let Some(handle) = &r.vm else { continue };
+        let result = {
+            let mut guard = handle.borrow_mut();
+            let result = guard.0.finish_stream(r.ctx);
+            let _ = guard.0.take_effects();
+            result
+        };
+        WORKER_VMS.with(|vms| {
+            let mut vms = vms.borrow_mut();
+            match &result {
+                Ok(()) => vms.succeeded(&r.filter),
+                Err(e) => {
+                    tracing::warn!(filter = %r.filter.name, %e, "finishing the stream failed");
+                    vms.fail(&r.filter, handle, e);
                 }
             }
-        }
-    });
+        });
+    }
 }
 
 pub fn timeout_or(cluster_timeout: Duration, call_timeout: Option<Duration>) -> Duration {

@@ -145,9 +145,19 @@ async fn echo(out: &Outgoing<'_>, body: Option<Body>) -> Response<Body> {
         "path": out.path,
         "headers": header_map,
         "body": String::from_utf8_lossy(&bytes),
+        "trailers": trailers.iter().flat_map(|t| t.iter()).map(|(k, v)| {
+            (k.to_string(), serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        }).collect::<serde_json::Map<_, _>>(),
     });
     let mut text = serde_json::to_string_pretty(&json).unwrap_or_default();
     text.push('\n');
+    // HTTP/1.1 peers only accept trailer fields announced in a `Trailer` header.
+    let announced = trailers
+        .iter()
+        .flat_map(|t| t.keys())
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     let body = match trailers {
         None => full(text),
         Some(t) => full(text)
@@ -155,6 +165,11 @@ async fn echo(out: &Outgoing<'_>, body: Option<Body>) -> Response<Body> {
             .boxed_unsync(),
     };
     let mut resp = Response::new(body);
+    if !announced.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&announced)
+    {
+        resp.headers_mut().insert(http::header::TRAILER, v);
+    }
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

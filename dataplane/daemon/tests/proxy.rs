@@ -64,7 +64,8 @@ fn dechunk(mut rest: &str) -> (String, String) {
     let mut data = String::new();
     loop {
         let (size, after) = rest.split_once("\r\n").expect("chunk size line");
-        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).expect("hex size");
+        let size =
+            usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).expect("hex size");
         if size == 0 {
             return (data, after.trim_end_matches("\r\n").to_string());
         }
