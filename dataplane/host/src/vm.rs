@@ -240,7 +240,9 @@ pub(crate) fn check_export_types(module: &Module) -> Result<(), LoadError> {
 /// A VM instance. See the module docs.
 pub struct Vm {
     store: Store<VmState>,
-    exports: Exports,
+    /// Shared, so an entry point takes a reference-counted handle instead of cloning the
+    /// `TypedFunc`s it calls (each clone costs about as much as the call itself).
+    exports: Arc<Exports>,
     failure: Option<String>,
     module: Arc<PluginModule>,
     callback_timeout: Duration,
@@ -365,7 +367,7 @@ impl Host {
         };
         let mut vm = Vm {
             store,
-            exports,
+            exports: Arc::new(exports),
             failure: None,
             module: module.clone(),
             callback_timeout: opts.callback_timeout,
@@ -593,19 +595,19 @@ impl Vm {
     ) -> Result<(), StartError> {
         let t = self.start_timeout;
         let e = self.exports.clone();
-        if let Some(f) = e.context_create {
+        if let Some(f) = &e.context_create {
             self.invoke("proxy_on_context_create", Some(id), Phase::Root, t, |s| {
                 f.call(s, (id as i32, 0))
             })?;
         }
-        if let Some(f) = e.vm_start
+        if let Some(f) = &e.vm_start
             && self.invoke("proxy_on_vm_start", Some(id), Phase::VmStart, t, |s| {
                 f.call(s, (id as i32, vm_config_len))
             })? == 0
         {
             return Err(StartError::VmStartRejected);
         }
-        if let Some(f) = e.validate_configuration
+        if let Some(f) = &e.validate_configuration
             && self.invoke(
                 "proxy_validate_configuration",
                 Some(id),
@@ -616,7 +618,7 @@ impl Vm {
         {
             return Err(StartError::ConfigurationInvalid);
         }
-        if let Some(f) = e.configure
+        if let Some(f) = &e.configure
             && self.invoke("proxy_on_configure", Some(id), Phase::Configure, t, |s| {
                 f.call(s, (id as i32, config_len))
             })? == 0
@@ -635,7 +637,7 @@ impl Vm {
         let e = self.exports.clone();
         let id = root_context_id as i32;
         let mut result = Ok(());
-        if let Some(f) = e.done {
+        if let Some(f) = &e.done {
             result = self
                 .invoke(
                     "proxy_on_done",
@@ -647,7 +649,7 @@ impl Vm {
                 .map(|_| ());
         }
         if result.is_ok()
-            && let Some(f) = e.delete
+            && let Some(f) = &e.delete
         {
             result = self.invoke(
                 "proxy_on_delete",
@@ -684,7 +686,8 @@ impl Vm {
                 done_pending: false,
             },
         );
-        if let Some(f) = self.exports.context_create.clone() {
+        let e = self.exports.clone();
+        if let Some(f) = e.context_create.as_ref() {
             let t = self.callback_timeout;
             if let Err(e) =
                 self.invoke("proxy_on_context_create", Some(id), Phase::Stream, t, |s| {
@@ -710,7 +713,7 @@ impl Vm {
     fn call_headers(
         &mut self,
         name: &'static str,
-        f: Option<HeadersFn>,
+        f: Option<&HeadersFn>,
         ctx: u32,
         count: usize,
         end_of_stream: bool,
@@ -734,7 +737,7 @@ impl Vm {
     fn call_stream3(
         &mut self,
         name: &'static str,
-        f: Option<F3R>,
+        f: Option<&F3R>,
         ctx: u32,
         a: usize,
         b: bool,
@@ -753,7 +756,7 @@ impl Vm {
     fn call_stream2(
         &mut self,
         name: &'static str,
-        f: Option<F2R>,
+        f: Option<&F2R>,
         ctx: u32,
         a: usize,
     ) -> Result<Action, CallbackError> {
@@ -776,7 +779,8 @@ impl Vm {
         end_of_stream: bool,
     ) -> Result<Action, CallbackError> {
         let n = self.stream_exchange(ctx)?.lock().request_headers.len();
-        let f = self.exports.request_headers.clone();
+        let e = self.exports.clone();
+        let f = e.request_headers.as_ref();
         self.call_headers("proxy_on_request_headers", f, ctx, n, end_of_stream)
     }
 
@@ -789,14 +793,16 @@ impl Vm {
         end_of_stream: bool,
     ) -> Result<Action, CallbackError> {
         let n = self.stream_exchange(ctx)?.lock().request_body.len();
-        let f = self.exports.request_body.clone();
+        let e = self.exports.clone();
+        let f = e.request_body.as_ref();
         self.call_stream3("proxy_on_request_body", f, ctx, n, end_of_stream)
     }
 
     /// `proxy_on_request_trailers`.
     pub fn on_request_trailers(&mut self, ctx: u32) -> Result<Action, CallbackError> {
         let n = self.stream_exchange(ctx)?.lock().request_trailers.len();
-        let f = self.exports.request_trailers.clone();
+        let e = self.exports.clone();
+        let f = e.request_trailers.as_ref();
         self.call_stream2("proxy_on_request_trailers", f, ctx, n)
     }
 
@@ -807,7 +813,8 @@ impl Vm {
         end_of_stream: bool,
     ) -> Result<Action, CallbackError> {
         let n = self.stream_exchange(ctx)?.lock().response_headers.len();
-        let f = self.exports.response_headers.clone();
+        let e = self.exports.clone();
+        let f = e.response_headers.as_ref();
         self.call_headers("proxy_on_response_headers", f, ctx, n, end_of_stream)
     }
 
@@ -818,14 +825,16 @@ impl Vm {
         end_of_stream: bool,
     ) -> Result<Action, CallbackError> {
         let n = self.stream_exchange(ctx)?.lock().response_body.len();
-        let f = self.exports.response_body.clone();
+        let e = self.exports.clone();
+        let f = e.response_body.as_ref();
         self.call_stream3("proxy_on_response_body", f, ctx, n, end_of_stream)
     }
 
     /// `proxy_on_response_trailers`.
     pub fn on_response_trailers(&mut self, ctx: u32) -> Result<Action, CallbackError> {
         let n = self.stream_exchange(ctx)?.lock().response_trailers.len();
-        let f = self.exports.response_trailers.clone();
+        let e = self.exports.clone();
+        let f = e.response_trailers.as_ref();
         self.call_stream2("proxy_on_response_trailers", f, ctx, n)
     }
 
@@ -841,7 +850,7 @@ impl Vm {
         let e = self.exports.clone();
         let c = ctx as i32;
         let result = (|| {
-            if let Some(f) = e.done {
+            if let Some(f) = &e.done {
                 let done = self.invoke("proxy_on_done", Some(ctx), Phase::Stream, t, |s| {
                     f.call(s, c)
                 })?;
@@ -851,12 +860,12 @@ impl Vm {
                     stream.done_pending = true;
                 }
             }
-            if let Some(f) = e.log {
+            if let Some(f) = &e.log {
                 self.invoke("proxy_on_log", Some(ctx), Phase::Stream, t, |s| {
                     f.call(s, c)
                 })?;
             }
-            if let Some(f) = e.delete {
+            if let Some(f) = &e.delete {
                 self.invoke("proxy_on_delete", Some(ctx), Phase::Stream, t, |s| {
                     f.call(s, c)
                 })?;
@@ -869,13 +878,14 @@ impl Vm {
 
     /// `proxy_on_tick` for a root context whose tick period is set ([`Effect::TickPeriod`]).
     pub fn on_tick(&mut self, root_context_id: u32) -> Result<(), CallbackError> {
-        self.root_callback1("proxy_on_tick", self.exports.tick.clone(), root_context_id)
+        let e = self.exports.clone();
+        self.root_callback1("proxy_on_tick", e.tick.as_ref(), root_context_id)
     }
 
     fn root_callback1(
         &mut self,
         name: &'static str,
-        f: Option<F1>,
+        f: Option<&F1>,
         root: u32,
     ) -> Result<(), CallbackError> {
         self.check_live()?;
@@ -897,7 +907,8 @@ impl Vm {
         if !self.store.data().roots.contains_key(&root_context_id) {
             return Err(CallbackError::UnknownContext(root_context_id));
         }
-        let Some(f) = self.exports.queue_ready.clone() else {
+        let e = self.exports.clone();
+        let Some(f) = e.queue_ready.as_ref() else {
             return Ok(());
         };
         let t = self.callback_timeout;
@@ -926,7 +937,8 @@ impl Vm {
         if !self.store.data().roots.contains_key(&root) {
             return Ok(()); // the plugin went away while the call was in flight
         }
-        let Some(f) = self.exports.http_call_response.clone() else {
+        let e = self.exports.clone();
+        let Some(f) = e.http_call_response.as_ref() else {
             return Ok(());
         };
         let (n_headers, body_len, n_trailers) = match &response {
@@ -975,7 +987,7 @@ impl Vm {
     fn grpc_callback(
         &mut self,
         name: &'static str,
-        f: Option<F3>,
+        f: Option<&F3>,
         token: u32,
         arg: i32,
         metadata: Option<Fields>,
@@ -1002,7 +1014,8 @@ impl Vm {
         metadata: Fields,
     ) -> Result<(), CallbackError> {
         let n = metadata.len() as i32;
-        let f = self.exports.grpc_initial_metadata.clone();
+        let e = self.exports.clone();
+        let f = e.grpc_initial_metadata.as_ref();
         self.grpc_callback(
             "proxy_on_grpc_receive_initial_metadata",
             f,
@@ -1016,7 +1029,8 @@ impl Vm {
     /// `proxy_on_grpc_receive`: one response message.
     pub fn on_grpc_message(&mut self, token: u32, message: Vec<u8>) -> Result<(), CallbackError> {
         let n = message.len() as i32;
-        let f = self.exports.grpc_receive.clone();
+        let e = self.exports.clone();
+        let f = e.grpc_receive.as_ref();
         self.grpc_callback("proxy_on_grpc_receive", f, token, n, None, Some(message))
     }
 
@@ -1027,7 +1041,8 @@ impl Vm {
         metadata: Fields,
     ) -> Result<(), CallbackError> {
         let n = metadata.len() as i32;
-        let f = self.exports.grpc_trailing_metadata.clone();
+        let e = self.exports.clone();
+        let f = e.grpc_trailing_metadata.as_ref();
         self.grpc_callback(
             "proxy_on_grpc_receive_trailing_metadata",
             f,
@@ -1048,7 +1063,8 @@ impl Vm {
     ) -> Result<(), CallbackError> {
         let root = self.grpc_root(token)?;
         self.store.data_mut().last_status = (status, message.as_bytes().to_vec());
-        let f = self.exports.grpc_close.clone();
+        let e = self.exports.clone();
+        let f = e.grpc_close.as_ref();
         let r = self.grpc_callback("proxy_on_grpc_close", f, token, status as i32, None, None);
         let _ = root;
         self.store.data_mut().callouts.remove(&token);
@@ -1066,7 +1082,8 @@ impl Vm {
         if !self.store.data().roots.contains_key(&root_context_id) {
             return Err(CallbackError::UnknownContext(root_context_id));
         }
-        let Some(f) = self.exports.foreign_function.clone() else {
+        let e = self.exports.clone();
+        let Some(f) = e.foreign_function.as_ref() else {
             return Ok(());
         };
         let n = args.len() as i32;
