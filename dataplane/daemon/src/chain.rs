@@ -275,7 +275,12 @@ impl WorkerVms {
         });
     }
 
-    /// The VM of `filter` on this worker, creating it (or re-creating it after a failure,
+    /// The generation this worker's VMs were last warmed for.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The VM of `filter` on this worker (`true`: just created), creating it (or re-creating it after a failure,
     /// once its backoff has passed). `Err` carries why there is no VM.
     pub fn get(
         &mut self,
@@ -283,7 +288,7 @@ impl WorkerVms {
         filter: &LoadedFilter,
         embedder: &Arc<ClusterNames>,
         stats: &crate::metrics::Metrics,
-    ) -> Result<VmHandle, String> {
+    ) -> Result<(VmHandle, bool), String> {
         let slot = self
             .slots
             .entry((filter.name.clone(), filter.version))
@@ -293,7 +298,7 @@ impl WorkerVms {
                 retry_at: None,
             });
         if let Some(vm) = &slot.vm {
-            return Ok(vm.clone());
+            return Ok((vm.clone(), false));
         }
         if let Some(at) = slot.retry_at
             && Instant::now() < at
@@ -310,7 +315,7 @@ impl WorkerVms {
                 }
                 let handle = Rc::new(RefCell::new(vm));
                 slot.vm = Some(handle.clone());
-                Ok(handle)
+                Ok((handle, true))
             }
             Err(e) => {
                 slot.failures += 1;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
+pub mod timers;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -167,6 +168,34 @@ pub fn module_cache_dir() -> PathBuf {
         .join("modules")
 }
 
+/// Instantiates this worker's VMs for a newly active configuration before requests need them
+/// (nothing is compiled or instantiated on the request path), and starts their timers.
+fn warm(state: &Arc<State>) {
+    let active = state.active.load_full();
+    let created = chain::WORKER_VMS.with(|vms| {
+        let mut vms = vms.borrow_mut();
+        if vms.generation() >= active.generation {
+            return Vec::new();
+        }
+        vms.sync(&active);
+        let mut created = Vec::new();
+        for filter in &active.filters {
+            match vms.get(&state.host, filter, &active.embedder, &state.metrics) {
+                Ok((vm, true)) => created.push((filter.clone(), vm)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(filter = %filter.name, %e, "could not warm the filter's VM")
+                }
+            }
+        }
+        created
+    });
+    for (filter, vm) in created {
+        let effects = vm.borrow_mut().0.take_effects();
+        timers::handle_root_effects(state, &active, &filter, &vm, effects);
+    }
+}
+
 fn run_worker(
     listener: std::net::TcpListener,
     state: Arc<State>,
@@ -183,6 +212,9 @@ fn run_worker(
         loop {
             if stop.load(Ordering::SeqCst) {
                 break;
+            }
+            if !admin {
+                warm(&state);
             }
             let accepted = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
             let Ok(Ok((stream, peer))) = accepted else {

@@ -178,9 +178,11 @@ impl Metrics {
                 }
                 match m.kind {
                     MetricType::Counter => {
+                        // OpenMetrics: the family has no `_total`; its sample always does.
+                        let family = name.strip_suffix("_total").unwrap_or(&name);
                         let _ = writeln!(
                             out,
-                            "# TYPE {name} counter\n{name}_total{{{labels}}} {}",
+                            "# TYPE {family} counter\n{family}_total{{{labels}}} {}",
                             m.value
                         );
                     }

@@ -650,7 +650,11 @@ fn start_stream(
         vms.sync(active);
         vms.get(&state.host, &r.filter, &active.embedder, &state.metrics)
     });
-    let result = handle.and_then(|h| {
+    let result = handle.and_then(|(h, created)| {
+        if created {
+            let effects = h.borrow_mut().0.take_effects();
+            crate::timers::handle_root_effects(state, active, &r.filter, &h, effects);
+        }
         let ctx = {
             let mut guard = h.borrow_mut();
             let (vm, root) = &mut *guard;
@@ -730,6 +734,21 @@ async fn callback(
                 Effect::LocalResponse { response, .. } => return Ok(Flow::Local(response)),
                 Effect::CloseStream { .. } => return Ok(Flow::Reset),
                 Effect::ContinueStream { context_id, .. } if context_id == r.ctx => resumed = true,
+                Effect::TickPeriod {
+                    root_context_id,
+                    period,
+                } => {
+                    if let Some(vm) = &r.vm {
+                        crate::timers::set_tick(
+                            state,
+                            active,
+                            &r.filter,
+                            vm,
+                            root_context_id,
+                            period,
+                        );
+                    }
+                }
                 Effect::HttpCall(call) => {
                     let state = state.clone();
                     let active = active.clone();

@@ -479,3 +479,78 @@ fn go_and_assemblyscript_filters_run_in_the_proxy() {
     assert!(out.contains("\"x-as-request\": \"1\""), "{out}");
     dp.shutdown();
 }
+
+#[test]
+fn timers_properties_and_filter_metrics_through_the_proxy() {
+    let dir = temp_dir("observe");
+    let config = write_config(
+        &dir,
+        "  - name: main\n    builtin: echo\n",
+        &format!(
+            "  - name: observer\n    module: {}\n    config: {{tick_ms: 20}}\n    vm: {{id: observer-vm}}\n",
+            filter("observe").display()
+        ),
+    );
+    // Route metadata, as filters read it through xds.route_metadata.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "    cluster: main\n",
+        "    cluster: main\n    metadata: {filter_metadata: {wasmfilter: {owner: team-z}}}\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let dp = Dataplane::start(&config).unwrap();
+    let mut s = TcpStream::connect(dp.proxy_addr).unwrap();
+    s.write_all(b"GET /props?x=1 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    let json_start = body.find('{').unwrap();
+    let json_end = body.rfind('}').unwrap();
+    let echoed: serde_json::Value = serde_json::from_str(&body[json_start..=json_end]).unwrap();
+    let h = &echoed["headers"];
+    assert_eq!(h["x-prop-plugin-name"], "observer");
+    assert_eq!(h["x-prop-vm-id"], "observer-vm");
+    assert_eq!(h["x-prop-path"], "/props?x=1");
+    assert_eq!(h["x-prop-method"], "GET");
+    assert_eq!(h["x-prop-route-name"], "all");
+    assert_eq!(h["x-prop-route-meta-owner"], "team-z");
+    let source = h["x-prop-source-address"].as_str().unwrap();
+    assert!(source.starts_with("127.0.0.1:"), "{source}");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+
+    // Ticks run on every worker without any request (the VMs are warmed at start).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let metrics = loop {
+        let mut s = TcpStream::connect(dp.admin_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut m = String::new();
+        s.read_to_string(&mut m).unwrap();
+        let ticks: u64 = m
+            .lines()
+            .find(|l| l.starts_with("wasmfilter_plugin_observe_ticks_total{filter=\"observer\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if ticks >= 10 || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let ticks_line = metrics
+        .lines()
+        .find(|l| l.starts_with("wasmfilter_plugin_observe_ticks_total"))
+        .unwrap_or_else(|| panic!("no tick counter in:\n{metrics}"));
+    let ticks: u64 = ticks_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(ticks >= 10, "{ticks_line}");
+    assert!(
+        !metrics.contains("_total_total"),
+        "counter names are not doubled:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("wasmfilter_plugin_observe_requests_by_method_total{filter=\"observer\",method=\"GET\"} 1"),
+        "tags in metric names become labels:\n{metrics}"
+    );
+    assert!(metrics.contains("wasmfilter_plugin_observe_request_header_count_bucket{filter=\"observer\",le=\"+Inf\"} 1"), "{metrics}");
+    dp.shutdown();
+}

@@ -1,0 +1,113 @@
+//! Work a filter's root context asks for outside any request: `proxy_on_tick` timers and the
+//! HTTP callouts those timers (or `proxy_on_configure`) make. Each runs on the worker that owns
+//! the VM, holds only a weak reference to it (a replaced VM stops its timers), and never
+//! borrows the VM across an await.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmfilter_host::Effect;
+
+use crate::chain::{Active, LoadedFilter, VmHandle};
+use crate::state::State;
+
+thread_local! {
+    /// The current timer generation of each (VM, root context): a newer period replaces the
+    /// running timer, which sees the change and stops.
+    static TICKS: RefCell<HashMap<(usize, u32), u64>> = RefCell::new(HashMap::new());
+}
+
+/// Carries out root-context effects (tick periods, callouts) of `vm`.
+pub fn handle_root_effects(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    filter: &Arc<LoadedFilter>,
+    vm: &VmHandle,
+    effects: Vec<Effect>,
+) {
+    for effect in effects {
+        match effect {
+            Effect::TickPeriod {
+                root_context_id,
+                period,
+            } => set_tick(state, active, filter, vm, root_context_id, period),
+            Effect::HttpCall(call) => {
+                let (state, active, filter) = (state.clone(), active.clone(), filter.clone());
+                let weak = Rc::downgrade(vm);
+                tokio::task::spawn_local(async move {
+                    let response = crate::upstream::callout(&state, &active, &call).await;
+                    let Some(vm) = weak.upgrade() else { return };
+                    let more = {
+                        let mut guard = vm.borrow_mut();
+                        match guard.0.on_http_call_response(call.token, response) {
+                            Ok(()) => guard.0.take_effects(),
+                            Err(e) => {
+                                tracing::warn!(filter = %filter.name, %e, "callout answer failed");
+                                Vec::new()
+                            }
+                        }
+                    };
+                    handle_root_effects(&state, &active, &filter, &vm, more);
+                });
+            }
+            // Stream effects have no stream here; gRPC from a root context is not supported yet.
+            _ => {}
+        }
+    }
+}
+
+/// Starts, changes or (with `None`) stops the tick timer of one root context.
+pub fn set_tick(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    filter: &Arc<LoadedFilter>,
+    vm: &VmHandle,
+    root: u32,
+    period: Option<Duration>,
+) {
+    let key = (Rc::as_ptr(vm) as usize, root);
+    let generation = TICKS.with(|t| {
+        let mut t = t.borrow_mut();
+        let g = t.entry(key).or_default();
+        *g += 1;
+        *g
+    });
+    let Some(period) = period else { return };
+    let (state, active, filter) = (state.clone(), active.clone(), filter.clone());
+    let weak = Rc::downgrade(vm);
+    tokio::task::spawn_local(async move {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            let current = TICKS.with(|t| t.borrow().get(&key).copied());
+            if current != Some(generation) {
+                return;
+            }
+            let Some(vm) = weak.upgrade() else {
+                TICKS.with(|t| t.borrow_mut().remove(&key));
+                return;
+            };
+            let started = std::time::Instant::now();
+            let effects = {
+                let mut guard = vm.borrow_mut();
+                match guard.0.on_tick(root) {
+                    Ok(()) => guard.0.take_effects(),
+                    Err(e) => {
+                        tracing::warn!(filter = %filter.name, %e, "proxy_on_tick failed; the timer stops");
+                        state.metrics.trap(&filter.name);
+                        return;
+                    }
+                }
+            };
+            state
+                .metrics
+                .callback(&filter.name, started.elapsed().as_secs_f64());
+            handle_root_effects(&state, &active, &filter, &vm, effects);
+        }
+    });
+}
