@@ -56,14 +56,27 @@ fn main() -> std::process::ExitCode {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        // The file is also watched: a changed modification time reloads it, as SIGHUP does.
+        let modified =
+            |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let mut seen = modified(&args.config);
+        let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
+        let reload = |why: &str| match dataplane.reload() {
+            Ok(()) => println!("configuration reloaded ({why})"),
+            Err(e) => eprintln!("reload refused, the running configuration stays: {e:#}"),
+        };
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => match dataplane.reload() {
-                    Ok(()) => println!("configuration reloaded"),
-                    Err(e) => eprintln!("reload refused, the running configuration stays: {e:#}"),
-                },
+                _ = hup.recv() => reload("SIGHUP"),
+                _ = poll.tick() => {
+                    let now = modified(&args.config);
+                    if now != seen {
+                        seen = now;
+                        reload("file changed");
+                    }
+                }
             }
         }
     });

@@ -179,6 +179,10 @@ pub async fn handle(
     Ok(response)
 }
 
+pub(crate) fn fields_from(headers: &HeaderMap, fields: &mut Fields) {
+    to_fields(headers, fields)
+}
+
 fn to_fields(headers: &HeaderMap, fields: &mut Fields) {
     for (k, v) in headers {
         if !HOP_BY_HOP.contains(&k.as_str()) {
@@ -754,18 +758,26 @@ async fn callback(
                     let active = active.clone();
                     pending.spawn_local(async move {
                         let response = crate::upstream::callout(&state, &active, &call).await;
-                        (call.token, response)
+                        Answer::Http(call.token, response)
                     });
                 }
-                Effect::GrpcCall(call) | Effect::GrpcStreamOpen(call) => {
-                    // gRPC callouts are not carried out by the dataplane yet: the filter is
-                    // told the call is unavailable, as for an unreachable upstream.
+                Effect::GrpcCall(call) => {
+                    let state = state.clone();
+                    let active = active.clone();
+                    pending.spawn_local(async move {
+                        let outcome = crate::upstream::grpc_call(&state, &active, &call).await;
+                        Answer::Grpc(call.token, outcome)
+                    });
+                }
+                Effect::GrpcStreamOpen(call) => {
+                    // Streaming gRPC callouts are not carried out yet: the filter is told the
+                    // stream is unavailable, as for an unreachable upstream.
                     let token = call.token;
                     match with_vm(r, |vm, _| {
                         vm.on_grpc_close(
                             token,
                             14,
-                            "gRPC callouts are not supported by this dataplane yet",
+                            "gRPC streams are not supported by this dataplane yet",
                         )?;
                         Ok(vm.take_effects())
                     }) {
@@ -785,17 +797,41 @@ async fn callback(
         if pending.is_empty() && buffering {
             return Ok(Flow::Buffer);
         }
-        let Some(Ok((token, response))) = pending.join_next().await else {
+        let Some(Ok(answer)) = pending.join_next().await else {
             return Err(ProxyError::FilterStalled {
                 filter: r.filter.name.clone(),
             });
         };
         match with_vm(r, |vm, _| {
-            vm.on_http_call_response(token, response)?;
+            deliver(vm, answer)?;
             Ok(vm.take_effects())
         }) {
             Ok(more) => effects = more,
             Err(e) => return callback_failed(state, r, e).map(|_| Flow::Continue),
+        }
+    }
+}
+
+/// The answer to a callout, on its way back to the filter's root context.
+enum Answer {
+    Http(u32, Option<HttpCallResponse>),
+    Grpc(u32, crate::upstream::GrpcOutcome),
+}
+
+fn deliver(vm: &mut Vm, answer: Answer) -> Result<(), CallbackError> {
+    match answer {
+        Answer::Http(token, response) => vm.on_http_call_response(token, response),
+        Answer::Grpc(token, outcome) => {
+            if let Some(md) = outcome.initial_metadata {
+                vm.on_grpc_initial_metadata(token, md)?;
+            }
+            for message in outcome.messages {
+                vm.on_grpc_message(token, message)?;
+            }
+            if let Some(md) = outcome.trailing_metadata {
+                vm.on_grpc_trailing_metadata(token, md)?;
+            }
+            vm.on_grpc_close(token, outcome.status, &outcome.message)
         }
     }
 }

@@ -225,3 +225,133 @@ pub async fn callout(
         trailers,
     ))
 }
+
+/// The whole answer to a unary gRPC callout, delivered to the filter in order: initial
+/// metadata, each message, trailing metadata, then the close with its status.
+#[derive(Debug, Default)]
+pub struct GrpcOutcome {
+    pub initial_metadata: Option<Fields>,
+    pub messages: Vec<Vec<u8>>,
+    pub trailing_metadata: Option<Fields>,
+    pub status: u32,
+    pub message: String,
+}
+
+impl GrpcOutcome {
+    fn failed(status: u32, message: impl Into<String>) -> GrpcOutcome {
+        GrpcOutcome {
+            status,
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// gRPC status codes used for transport failures.
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+const GRPC_INTERNAL: u32 = 13;
+const GRPC_UNAVAILABLE: u32 = 14;
+
+/// Carries out a unary gRPC callout over HTTP/2: `POST /<service>/<method>` with the message
+/// length-prefixed, as gRPC frames it.
+pub async fn grpc_call(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    call: &wasmfilter_host::GrpcCallout,
+) -> GrpcOutcome {
+    let Some(entry) = active.clusters.get(&call.cluster) else {
+        return GrpcOutcome::failed(
+            GRPC_UNAVAILABLE,
+            format!("no cluster named {}", call.cluster),
+        );
+    };
+    let Some(endpoint) = entry.config.endpoints.first() else {
+        return GrpcOutcome::failed(
+            GRPC_UNAVAILABLE,
+            format!("cluster {} has no endpoints", call.cluster),
+        );
+    };
+    let message = call.message.clone().unwrap_or_default();
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let uri = format!("http://{endpoint}/{}/{}", call.service, call.method);
+    let Ok(mut req) = Request::builder()
+        .method("POST")
+        .uri(uri)
+        .body(full(framed))
+    else {
+        return GrpcOutcome::failed(GRPC_INTERNAL, "invalid service or method name");
+    };
+    let headers = req.headers_mut();
+    *headers = crate::proxy::to_header_map(&call.initial_metadata);
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    let timeout = crate::proxy::timeout_or(entry.config.timeout, call.timeout);
+    let result = tokio::time::timeout(timeout, async {
+        let resp = state
+            .clients
+            .http2
+            .request(req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let collected = body.collect().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((parts, collected))
+    })
+    .await;
+    let (parts, collected) = match result {
+        Err(_) => return GrpcOutcome::failed(GRPC_DEADLINE_EXCEEDED, "deadline exceeded"),
+        Ok(Err(e)) => {
+            state.metrics.upstream_error(&call.cluster, "grpc");
+            return GrpcOutcome::failed(GRPC_UNAVAILABLE, e);
+        }
+        Ok(Ok(v)) => v,
+    };
+    let mut initial = Fields::new();
+    crate::proxy::fields_from(&parts.headers, &mut initial);
+    let trailers = collected.trailers().cloned();
+    let bytes = collected.to_bytes();
+    let mut messages = Vec::new();
+    let mut rest = &bytes[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if rest.len() < 5 + len {
+            return GrpcOutcome::failed(GRPC_INTERNAL, "truncated gRPC message");
+        }
+        messages.push(rest[5..5 + len].to_vec());
+        rest = &rest[5 + len..];
+    }
+    // A trailers-only answer carries its status in the headers.
+    let status_source = trailers.as_ref().unwrap_or(&parts.headers);
+    let status = status_source
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if parts.status.is_success() {
+            GRPC_INTERNAL
+        } else {
+            GRPC_UNAVAILABLE
+        });
+    let message = status_source
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let trailing = trailers.map(|t| {
+        let mut f = Fields::new();
+        crate::proxy::fields_from(&t, &mut f);
+        f
+    });
+    GrpcOutcome {
+        initial_metadata: Some(initial),
+        messages,
+        trailing_metadata: trailing,
+        status,
+        message,
+    }
+}

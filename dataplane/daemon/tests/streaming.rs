@@ -554,3 +554,101 @@ fn timers_properties_and_filter_metrics_through_the_proxy() {
     assert!(metrics.contains("wasmfilter_plugin_observe_request_header_count_bucket{filter=\"observer\",le=\"+Inf\"} 1"), "{metrics}");
     dp.shutdown();
 }
+
+/// A gRPC server on loopback (h2c) answering `/test.Echo/Check` with `pong:<request>`.
+fn grpc_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        assert_eq!(req.uri().path(), "/test.Echo/Check");
+                        assert_eq!(req.headers()["content-type"], "application/grpc");
+                        assert_eq!(
+                            req.headers()["x-md"],
+                            "1",
+                            "initial metadata from the filter"
+                        );
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let message = &body[5..];
+                        let reply = [b"pong:".as_slice(), message].concat();
+                        let mut framed = vec![0u8];
+                        framed.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+                        framed.extend_from_slice(&reply);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let body = Full::new(Bytes::from(framed))
+                            .with_trailers(std::future::ready(Some(Ok(trailers))));
+                        let mut resp = Response::new(body);
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/grpc"),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+#[test]
+fn grpc_callouts_reach_an_http2_cluster() {
+    let grpc = grpc_upstream();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = temp_dir("grpc");
+    let config = write_config(
+        &dir,
+        &format!(
+            "  - name: main\n    builtin: echo\n  - name: grpc\n    http2: true\n    endpoints: [\"{grpc}\"]\n  - name: down\n    http2: true\n    endpoints: [\"{closed}\"]\n"
+        ),
+        &format!(
+            "  - name: check\n    module: {m}\n    match: {{pathPrefixes: [/up]}}\n    config: {{grpc_cluster: grpc, grpc_service: test.Echo, grpc_method: Check}}\n  - name: check-down\n    module: {m}\n    match: {{pathPrefixes: [/down]}}\n    config: {{grpc_cluster: down, grpc_service: test.Echo, grpc_method: Check}}\n",
+            m = filter("callout").display()
+        ),
+    );
+    let dp = Dataplane::start(&config).unwrap();
+    let get = |path: &str| {
+        let mut s = TcpStream::connect(dp.proxy_addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let up = get("/up/hello");
+    assert!(up.starts_with("HTTP/1.1 200"), "{up}");
+    assert!(up.contains("\"x-grpc-status\": \"0\""), "{up}");
+    assert!(
+        up.contains("\"x-grpc-response\": \"pong:/up/hello\""),
+        "{up}"
+    );
+    let down = get("/down/x");
+    assert!(down.starts_with("HTTP/1.1 200"), "{down}");
+    assert!(
+        down.contains("\"x-grpc-status\": \"14\""),
+        "an unreachable gRPC cluster is UNAVAILABLE: {down}"
+    );
+    dp.shutdown();
+}
