@@ -14,6 +14,9 @@ use wasmfilter_api::{FailurePolicy, Phase, RequestMatch};
 pub struct Config {
     /// Where the proxy listens, e.g. `127.0.0.1:8080`.
     pub listen: String,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) on `listen` with this certificate.
+    #[serde(default)]
+    pub tls: Option<Tls>,
     /// Where `/ready`, `/live`, `/metrics` and `/config_dump` are served.
     #[serde(default = "default_admin")]
     pub admin: String,
@@ -31,6 +34,15 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
     #[serde(default)]
     pub filters: Vec<Filter>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, relative to the configuration file.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1), relative to the configuration file.
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]

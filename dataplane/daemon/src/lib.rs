@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod state;
 pub mod timers;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use wasmfilter_host::{Host, HostConfig};
 
@@ -61,6 +62,10 @@ impl Dataplane {
             ..Default::default()
         })?;
         let active = Active::build(&host, &config, config_file)?;
+        let tls = match &config.tls {
+            Some(t) => Some(tls::acceptor(config_file, t)?),
+            None => None,
+        };
         let listener = std::net::TcpListener::bind(&config.listen).map_err(|e| {
             anyhow::anyhow!(
                 "{}: listen: cannot bind {}: {e}",
@@ -101,10 +106,11 @@ impl Dataplane {
             let listener = listener.try_clone()?;
             let state = state.clone();
             let stop = stop.clone();
+            let tls = tls.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
-                    .spawn(move || run_worker(listener, state, stop, false))?,
+                    .spawn(move || run_worker(listener, state, stop, Role::Proxy { tls }))?,
             );
         }
         {
@@ -113,7 +119,7 @@ impl Dataplane {
             workers.push(
                 std::thread::Builder::new()
                     .name("admin".into())
-                    .spawn(move || run_worker(admin, state, stop, true))?,
+                    .spawn(move || run_worker(admin, state, stop, Role::Admin))?,
             );
         }
         state.ready.store(true, Ordering::SeqCst);
@@ -196,11 +202,20 @@ fn warm(state: &Arc<State>) {
     }
 }
 
+/// What a worker thread serves.
+#[derive(Clone)]
+enum Role {
+    Proxy {
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    },
+    Admin,
+}
+
 fn run_worker(
     listener: std::net::TcpListener,
     state: Arc<State>,
     stop: Arc<AtomicBool>,
-    admin: bool,
+    role: Role,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -213,7 +228,7 @@ fn run_worker(
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            if !admin {
+            if let Role::Proxy { .. } = role {
                 warm(&state);
             }
             let accepted = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
@@ -223,28 +238,57 @@ fn run_worker(
             let _ = stream.set_nodelay(true);
             let local_addr = stream.local_addr().unwrap_or(peer);
             let state = state.clone();
+            let role = role.clone();
             tokio::task::spawn_local(async move {
-                let io = TokioIo::new(stream);
-                let service = service_fn(move |req| {
-                    let state = state.clone();
-                    async move {
-                        if admin {
-                            admin::handle(state, req).await
-                        } else {
-                            proxy::handle(state, req, peer, local_addr).await
-                        }
+                match role {
+                    Role::Admin => {
+                        let service = service_fn(move |req| admin::handle(state.clone(), req));
+                        serve(TokioIo::new(stream), service).await;
                     }
-                });
-                let mut builder = auto::Builder::new(LocalExec);
-                builder.http2().max_concurrent_streams(1024);
-                let _ = builder.serve_connection(io, service).await;
+                    Role::Proxy { tls: None } => {
+                        let service = service_fn(move |req| {
+                            proxy::handle(state.clone(), req, peer, local_addr, false)
+                        });
+                        serve(TokioIo::new(stream), service).await;
+                    }
+                    Role::Proxy {
+                        tls: Some(acceptor),
+                    } => {
+                        // A failed handshake only ends this connection.
+                        let Ok(Ok(tls)) =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                                .await
+                        else {
+                            return;
+                        };
+                        let service = service_fn(move |req| {
+                            proxy::handle(state.clone(), req, peer, local_addr, true)
+                        });
+                        serve(TokioIo::new(tls), service).await;
+                    }
+                }
             });
         }
         // Let in-flight connections finish while the caller waits for the drain.
-        let _ = TokioExecutor::new();
         let drain_until = Instant::now() + Duration::from_secs(30);
         while state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < drain_until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (by preface or ALPN) on one connection.
+async fn serve<I, S>(io: I, service: S)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<proxy::Body>,
+            Error = std::convert::Infallible,
+        > + 'static,
+    S::Future: 'static,
+{
+    let mut builder = auto::Builder::new(LocalExec);
+    builder.http2().max_concurrent_streams(1024);
+    let _ = builder.serve_connection(io, service).await;
 }

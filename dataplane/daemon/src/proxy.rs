@@ -160,13 +160,14 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     local: SocketAddr,
+    tls: bool,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     state
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let active = state.active.load_full();
-    let response = match proxy(&state, &active, req, peer, local).await {
+    let response = match proxy(&state, &active, req, peer, local, tls).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -214,7 +215,9 @@ fn new_exchange(
     parts: &http::request::Parts,
     peer: SocketAddr,
     local: SocketAddr,
+    tls: bool,
 ) -> HttpExchange {
+    let scheme = if tls { "https" } else { "http" };
     let authority = parts
         .uri
         .authority()
@@ -236,7 +239,7 @@ fn new_exchange(
     ex.request_headers.add(":method", parts.method.as_str());
     ex.request_headers.add(":path", path.as_str());
     ex.request_headers.add(":authority", authority.as_str());
-    ex.request_headers.add(":scheme", "http");
+    ex.request_headers.add(":scheme", scheme);
     for (k, v) in &parts.headers {
         if k != http::header::HOST && !HOP_BY_HOP.contains(&k.as_str()) {
             ex.request_headers.add(k.as_str(), v.as_bytes());
@@ -249,7 +252,7 @@ fn new_exchange(
     };
     ex.request_headers.set("x-forwarded-for", xff);
     if ex.request_headers.get("x-forwarded-proto").is_none() {
-        ex.request_headers.add("x-forwarded-proto", "http");
+        ex.request_headers.add("x-forwarded-proto", scheme);
     }
     ex.info.protocol = match parts.version {
         http::Version::HTTP_10 => "HTTP/1.0",
@@ -257,7 +260,8 @@ fn new_exchange(
         _ => "HTTP/1.1",
     }
     .into();
-    ex.info.scheme = "http".into();
+    ex.info.scheme = scheme.into();
+    ex.info.mtls = false;
     ex.info.source_address = Some(peer);
     ex.info.destination_address = Some(local);
     ex.info.start_time = Some(SystemTime::now());
@@ -285,9 +289,11 @@ async fn proxy(
     req: Request<Incoming>,
     peer: SocketAddr,
     local: SocketAddr,
+    tls: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let (parts, body) = req.into_parts();
-    let exchange: SharedExchange = Arc::new(Mutex::new(new_exchange(active, &parts, peer, local)));
+    let exchange: SharedExchange =
+        Arc::new(Mutex::new(new_exchange(active, &parts, peer, local, tls)));
     let host = exchange
         .lock()
         .request_headers

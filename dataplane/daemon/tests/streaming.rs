@@ -652,3 +652,83 @@ fn grpc_callouts_reach_an_http2_cluster() {
     );
     dp.shutdown();
 }
+
+#[test]
+fn tls_listeners_serve_http1_and_http2_by_alpn() {
+    let dir = temp_dir("tls");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
+    let config = write_config(
+        &dir,
+        "  - name: main\n    builtin: echo\n",
+        &format!(
+            "  - name: hello\n    module: {}\n    config: {{response: {{add: {{x-resp: tls}}}}}}\n",
+            filter("header_rewrite").display()
+        ),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "admin: 127.0.0.1:0\n",
+        "admin: 127.0.0.1:0\ntls: {certFile: cert.pem, keyFile: key.pem}\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let dp = Dataplane::start(&config).unwrap();
+    let addr = dp.proxy_addr;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        for (alpn, version) in [
+            (b"h2".to_vec(), http::Version::HTTP_2),
+            (b"http/1.1".to_vec(), http::Version::HTTP_11),
+        ] {
+            let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+            client.alpn_protocols = vec![alpn];
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let tls = connector
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await
+                .unwrap();
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let req = Request::builder()
+                .uri("https://localhost/secure")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = if version == http::Version::HTTP_2 {
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                sender.send_request(req).await.unwrap()
+            } else {
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(conn);
+                let mut req = req;
+                req.headers_mut()
+                    .insert("host", http::HeaderValue::from_static("localhost"));
+                sender.send_request(req).await.unwrap()
+            };
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.version(), version);
+            assert_eq!(resp.headers()["x-resp"], "tls");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(echoed["headers"]["x-forwarded-proto"], "https");
+        }
+    });
+    dp.shutdown();
+}
