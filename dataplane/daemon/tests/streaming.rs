@@ -732,3 +732,44 @@ fn tls_listeners_serve_http1_and_http2_by_alpn() {
     });
     dp.shutdown();
 }
+
+#[test]
+fn shutdown_stops_accepting_but_finishes_requests_in_flight() {
+    let slow = upstream(|_, _| {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        Response::new(Full::new(Bytes::from("slow but complete")))
+    });
+    let dir = temp_dir("drain");
+    let config = write_config(
+        &dir,
+        &format!("  - name: main\n    endpoints: [\"{slow}\"]\n"),
+        &format!(
+            "  - name: hello\n    module: {}\n",
+            filter("header_rewrite").display()
+        ),
+    );
+    let dp = Dataplane::start(&config).unwrap();
+    let addr = dp.proxy_addr;
+    let in_flight = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    dp.shutdown();
+    let out = in_flight.join().unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "the request in flight completed: {out}"
+    );
+    assert!(out.contains("slow but complete"), "{out}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(200),
+        "shutdown waited for it"
+    );
+    assert!(TcpStream::connect(addr).is_err(), "no longer accepting");
+}
