@@ -11,6 +11,7 @@ fn main() -> anyhow::Result<()> {
     match task.as_str() {
         "demo" => demo(),
         "ci" => ci(),
+        "bench" => bench(std::env::args().skip(2).collect()),
         "filters" => {
             for name in wasmfilter_testkit::RUST_FILTERS {
                 println!("{}", wasmfilter_testkit::rust_filter(name)?.display());
@@ -18,7 +19,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: cargo xtask <demo|ci|filters>\n  demo     run the dataplane standalone with an example filter\n  ci       format check, clippy, all tests\n  filters  build the Rust test filters and print their paths"
+            "usage: cargo xtask <demo|ci|bench|filters>\n  demo     run the dataplane standalone with an example filter\n  ci       format check, clippy, all tests\n  bench    side-by-side proxy benchmarks, writes docs/benchmarks.md (--quick for a short run)\n  filters  build the Rust test filters and print their paths"
         ),
     }
 }
@@ -86,6 +87,26 @@ fn ci() -> anyhow::Result<()> {
     ]))?;
     run(Command::new(&cargo).args(["test", "--workspace"]))?;
     Ok(())
+}
+
+/// Builds the release dataplane and the benchmark runner, then runs every scenario.
+fn bench(args: Vec<String>) -> anyhow::Result<()> {
+    ensure_wasm_target()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(&cargo).args([
+        "build",
+        "--release",
+        "-p",
+        "wasmfilter-dataplane",
+        "-p",
+        "wasmfilter-bench",
+        "--bin",
+        "wasmfilter-dataplane",
+        "--bin",
+        "proxy_bench",
+    ]))?;
+    let runner = wasmfilter_testkit::repo_root().join("target/release/proxy_bench");
+    run(Command::new(runner).args(args))
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {

@@ -61,3 +61,23 @@ impl hyper::body::Body for ChannelBody {
         self.rx.poll_recv(cx)
     }
 }
+
+/// A body whose length is not announced, so HTTP/1.1 sends it chunked: the only encoding
+/// that can carry trailers.
+pub struct Unsized<B>(pub B);
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Unsized<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+}

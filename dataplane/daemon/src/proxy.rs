@@ -55,6 +55,10 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// A body of known length up to this size is read whole and run through the filters once:
+/// one sized write instead of a chunked stream fed by a task.
+const INLINE_BODY_LIMIT: u64 = 64 * 1024;
+
 /// Why a request did not get the upstream's answer. Each becomes a short response here.
 #[derive(Debug)]
 pub enum ProxyError {
@@ -361,15 +365,17 @@ async fn request_path(
             }
         }
     }
+    let filtered = running.iter().any(|r| !r.skipped && r.ctx != 0);
     let (method, authority, path, headers) = {
         let ex = exchange.lock();
         let get = |k: &str| ex.request_headers.get_str(k).unwrap_or_default();
-        (
-            get(":method"),
-            get(":authority"),
-            get(":path"),
-            ex.request_headers.clone(),
-        )
+        let mut headers = ex.request_headers.clone();
+        if filtered && has_body {
+            // Filters may change the body's length: the upstream gets the length of what
+            // they pass on (or a chunked stream).
+            headers.remove("content-length");
+        }
+        (get(":method"), get(":authority"), get(":path"), headers)
     };
     let url_path = path.split('?').next().unwrap_or("/").to_string();
     let cluster = active
@@ -389,10 +395,42 @@ async fn request_path(
         let resp = crate::upstream::send(state, active, &request, None).await?;
         return Ok(Upstream::Response(resp));
     }
-    if running.iter().all(|r| r.skipped || r.ctx == 0) {
+    if !filtered {
         // No filter on this request: the body streams straight through.
         let body = body.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
         let resp = crate::upstream::send(state, active, &request, Some(body)).await?;
+        return Ok(Upstream::Response(resp));
+    }
+    if body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= INLINE_BODY_LIMIT)
+    {
+        let collected = body
+            .collect()
+            .await
+            .map_err(|e| ProxyError::BadRequestBody(e.to_string()))?;
+        let order: Vec<usize> = (0..running.len()).collect();
+        let (out, flow) = through_whole(
+            state,
+            active,
+            exchange,
+            running,
+            &order,
+            Direction::Request,
+            collected,
+        )
+        .await?;
+        match flow {
+            Some(Flow::Local(reply)) => return Ok(Upstream::Local(reply)),
+            Some(_) => {
+                return Err(ProxyError::Reset {
+                    filter: "request body".into(),
+                });
+            }
+            None => {}
+        }
+        let resp = crate::upstream::send(state, active, &request, Some(sized(out))).await?;
         return Ok(Upstream::Response(resp));
     }
     let (tx, rx) = body::channel();
@@ -630,6 +668,60 @@ async fn trailers_through(
         },
         None,
     ))
+}
+
+/// A whole body (read at once) through the filters: its data with end of stream, then its
+/// trailers if it has any.
+async fn through_whole(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    exchange: &SharedExchange,
+    running: &mut [Running],
+    order: &[usize],
+    direction: Direction,
+    collected: http_body_util::Collected<Bytes>,
+) -> Result<(ChunkOut, Option<Flow>), ProxyError> {
+    let trailers = collected.trailers().cloned();
+    let data = collected.to_bytes().to_vec();
+    {
+        let mut ex = exchange.lock();
+        match direction {
+            Direction::Request => ex.info.request_body_bytes = data.len() as u64,
+            Direction::Response => ex.info.response_body_bytes = data.len() as u64,
+        }
+    }
+    let (mut out, flow) = body_chunk(
+        state,
+        active,
+        exchange,
+        running,
+        order,
+        direction,
+        data,
+        trailers.is_none(),
+    )
+    .await?;
+    if flow.is_some() {
+        return Ok((out, flow));
+    }
+    if let Some(t) = trailers {
+        // Data a buffering filter still holds flows on with the trailers.
+        let (more, flow) =
+            trailers_through(state, active, exchange, running, order, direction, t).await?;
+        out.data.extend_from_slice(&more.data);
+        out.trailers = more.trailers;
+        return Ok((out, flow));
+    }
+    Ok((out, None))
+}
+
+/// A body of known length (and trailers, if any).
+fn sized(out: ChunkOut) -> Body {
+    match out.trailers {
+        None => full(out.data),
+        Some(t) => body::Unsized(full(out.data).with_trailers(std::future::ready(Some(Ok(t)))))
+            .boxed_unsync(),
+    }
 }
 
 fn set_body(exchange: &SharedExchange, direction: Direction, bytes: Vec<u8>) {
@@ -907,6 +999,39 @@ async fn respond(
     if !has_body {
         finish_all(&running);
         return Ok(head.map(|_| full(Bytes::new())));
+    }
+    if body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= INLINE_BODY_LIMIT)
+    {
+        let result = match body.collect().await {
+            Ok(collected) => {
+                let order: Vec<usize> = (0..running.len()).rev().collect();
+                through_whole(
+                    state,
+                    active,
+                    &exchange,
+                    &mut running,
+                    &order,
+                    Direction::Response,
+                    collected,
+                )
+                .await
+            }
+            Err(e) => Err(ProxyError::UpstreamProtocol {
+                cluster: "upstream".into(),
+                message: e.to_string(),
+            }),
+        };
+        finish_all(&running);
+        return match result? {
+            (out, None) => Ok(head.map(|_| sized(out))),
+            (_, Some(Flow::Local(reply))) => Ok(local_to_response(&reply)),
+            (_, Some(_)) => Err(ProxyError::Reset {
+                filter: "response body".into(),
+            }),
+        };
     }
     let (tx, rx) = body::channel();
     let (state, active) = (state.clone(), active.clone());
