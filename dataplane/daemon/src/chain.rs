@@ -35,6 +35,7 @@ pub struct LoadedFilter {
     pub env: Vec<(String, String)>,
     /// Which configuration version introduced this filter as it is now.
     pub version: u64,
+    pub metrics: crate::metrics::FilterMetrics,
 }
 
 pub struct ClusterEntry {
@@ -91,6 +92,7 @@ impl Active {
         host: &Arc<Host>,
         config: &Config,
         config_file: &Path,
+        metrics: &crate::metrics::Metrics,
     ) -> Result<Active, FilterLoadError> {
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
         let embedder = Arc::new(ClusterNames(
@@ -137,6 +139,7 @@ impl Active {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
                 version: generation,
+                metrics: metrics.for_filter(&f.name),
             };
             // Start it once now, so configuration errors surface at load time.
             filter
@@ -287,7 +290,6 @@ impl WorkerVms {
         host: &Arc<Host>,
         filter: &LoadedFilter,
         embedder: &Arc<ClusterNames>,
-        stats: &crate::metrics::Metrics,
     ) -> Result<(VmHandle, bool), String> {
         let slot = self
             .slots
@@ -311,7 +313,7 @@ impl WorkerVms {
         match filter.instantiate(host, embedder.clone()) {
             Ok(vm) => {
                 if slot.failures > 0 {
-                    stats.vm_restart(&filter.name);
+                    filter.metrics.vm_restart();
                 }
                 let handle = Rc::new(RefCell::new(vm));
                 slot.vm = Some(handle.clone());

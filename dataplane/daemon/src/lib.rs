@@ -61,7 +61,8 @@ impl Dataplane {
             module_cache_dir: Some(module_cache_dir()),
             ..Default::default()
         })?;
-        let active = Active::build(&host, &config, config_file)?;
+        let metrics = metrics::Metrics::default();
+        let active = Active::build(&host, &config, config_file, &metrics)?;
         let tls = match &config.tls {
             Some(t) => Some(tls::acceptor(config_file, t)?),
             None => None,
@@ -87,7 +88,7 @@ impl Dataplane {
         let state = Arc::new(State {
             host,
             active: ArcSwap::from_pointee(active),
-            metrics: Default::default(),
+            metrics,
             clients: Default::default(),
             in_flight: Default::default(),
             ready: AtomicBool::new(false),
@@ -139,7 +140,7 @@ impl Dataplane {
     pub fn reload(&self) -> anyhow::Result<()> {
         let file = &self.state.config_file;
         let config = Config::load(file)?;
-        let active = Active::build(&self.state.host, &config, file)?;
+        let active = Active::build(&self.state.host, &config, file, &self.state.metrics)?;
         self.state.active.store(Arc::new(active));
         tracing::info!(
             generation = self.state.active.load().generation,
@@ -186,7 +187,7 @@ fn warm(state: &Arc<State>) {
         vms.sync(&active);
         let mut created = Vec::new();
         for filter in &active.filters {
-            match vms.get(&state.host, filter, &active.embedder, &state.metrics) {
+            match vms.get(&state.host, filter, &active.embedder) {
                 Ok((vm, true)) => created.push((filter.clone(), vm)),
                 Ok(_) => {}
                 Err(e) => {

@@ -124,6 +124,41 @@ fn filter(name: &str) -> FilterLabels {
     }
 }
 
+/// One filter's series, resolved once when its configuration is built, so the request path
+/// updates them without looking labels up (or allocating them) on every callback.
+#[derive(Clone)]
+pub struct FilterMetrics {
+    invocations: Counter,
+    callback_duration: Histogram,
+    traps: Counter,
+    fail_open_skips: Counter,
+    fail_closed: Counter,
+    vm_restarts: Counter,
+    vm_memory: Gauge,
+}
+
+impl FilterMetrics {
+    pub fn callback(&self, seconds: f64) {
+        self.invocations.inc();
+        self.callback_duration.observe(seconds);
+    }
+    pub fn trap(&self) {
+        self.traps.inc();
+    }
+    pub fn fail_open(&self) {
+        self.fail_open_skips.inc();
+    }
+    pub fn fail_closed(&self) {
+        self.fail_closed.inc();
+    }
+    pub fn vm_restart(&self) {
+        self.vm_restarts.inc();
+    }
+    pub fn vm_memory(&self, bytes: usize) {
+        self.vm_memory.set(bytes as i64);
+    }
+}
+
 impl Metrics {
     pub fn request(&self, code: u16, seconds: f64) {
         self.requests.get_or_create(&CodeLabels { code }).inc();
@@ -137,28 +172,18 @@ impl Metrics {
             })
             .inc();
     }
-    pub fn callback(&self, name: &str, seconds: f64) {
-        self.invocations.get_or_create(&filter(name)).inc();
-        self.callback_duration
-            .get_or_create(&filter(name))
-            .observe(seconds);
-    }
-    pub fn trap(&self, name: &str) {
-        self.traps.get_or_create(&filter(name)).inc();
-    }
-    pub fn fail_open(&self, name: &str) {
-        self.fail_open_skips.get_or_create(&filter(name)).inc();
-    }
-    pub fn fail_closed(&self, name: &str) {
-        self.fail_closed.get_or_create(&filter(name)).inc();
-    }
-    pub fn vm_restart(&self, name: &str) {
-        self.vm_restarts.get_or_create(&filter(name)).inc();
-    }
-    pub fn vm_memory(&self, name: &str, bytes: usize) {
-        self.vm_memory
-            .get_or_create(&filter(name))
-            .set(bytes as i64);
+    /// The series of filter `name` (shared by every configuration version of it).
+    pub fn for_filter(&self, name: &str) -> FilterMetrics {
+        let l = filter(name);
+        FilterMetrics {
+            invocations: self.invocations.get_or_create(&l).clone(),
+            callback_duration: self.callback_duration.get_or_create(&l).clone(),
+            traps: self.traps.get_or_create(&l).clone(),
+            fail_open_skips: self.fail_open_skips.get_or_create(&l).clone(),
+            fail_closed: self.fail_closed.get_or_create(&l).clone(),
+            vm_restarts: self.vm_restarts.get_or_create(&l).clone(),
+            vm_memory: self.vm_memory.get_or_create(&l).clone(),
+        }
     }
 
     /// Prometheus text: the dataplane's metrics, then every metric the active filters defined

@@ -750,7 +750,7 @@ fn start_stream(
     let handle = WORKER_VMS.with(|vms| {
         let mut vms = vms.borrow_mut();
         vms.sync(active);
-        vms.get(&state.host, &r.filter, &active.embedder, &state.metrics)
+        vms.get(&state.host, &r.filter, &active.embedder)
     });
     let result = handle.and_then(|(h, created)| {
         if created {
@@ -771,20 +771,20 @@ fn start_stream(
             r.ctx = ctx;
             Ok(true)
         }
-        Err(message) => on_failure(state, r, message).map(|_| false),
+        Err(message) => on_failure(r, message).map(|_| false),
     }
 }
 
 /// Applies the filter's failure policy: FailOpen skips it, FailClosed refuses the request.
-fn on_failure(state: &Arc<State>, r: &mut Running, message: String) -> Result<(), ProxyError> {
+fn on_failure(r: &mut Running, message: String) -> Result<(), ProxyError> {
     r.skipped = true;
     match r.filter.failure_policy {
         FailurePolicy::FailOpen => {
-            state.metrics.fail_open(&r.filter.name);
+            r.filter.metrics.fail_open();
             Ok(())
         }
         FailurePolicy::FailClosed => {
-            state.metrics.fail_closed(&r.filter.name);
+            r.filter.metrics.fail_closed();
             Err(ProxyError::FilterFailed {
                 filter: r.filter.name.clone(),
                 message,
@@ -820,14 +820,12 @@ async fn callback(
     let result = with_vm(r, |vm, ctx| {
         Ok((call(vm, ctx)?, vm.take_effects(), vm.memory_bytes()))
     });
-    state
-        .metrics
-        .callback(&r.filter.name, started.elapsed().as_secs_f64());
+    r.filter.metrics.callback(started.elapsed().as_secs_f64());
     let (action, mut effects, memory) = match result {
         Ok(v) => v,
-        Err(e) => return callback_failed(state, r, e).map(|_| Flow::Continue),
+        Err(e) => return callback_failed(r, e).map(|_| Flow::Continue),
     };
-    state.metrics.vm_memory(&r.filter.name, memory);
+    r.filter.metrics.vm_memory(memory);
     let mut resumed = action == Action::Continue;
     let mut pending = tokio::task::JoinSet::new();
     loop {
@@ -880,7 +878,7 @@ async fn callback(
                         Ok(vm.take_effects())
                     }) {
                         Ok(more) => effects.extend(more),
-                        Err(e) => return callback_failed(state, r, e).map(|_| Flow::Continue),
+                        Err(e) => return callback_failed(r, e).map(|_| Flow::Continue),
                     }
                 }
                 _ => {}
@@ -905,7 +903,7 @@ async fn callback(
             Ok(vm.take_effects())
         }) {
             Ok(more) => effects = more,
-            Err(e) => return callback_failed(state, r, e).map(|_| Flow::Continue),
+            Err(e) => return callback_failed(r, e).map(|_| Flow::Continue),
         }
     }
 }
@@ -934,16 +932,12 @@ fn deliver(vm: &mut Vm, answer: Answer) -> Result<(), CallbackError> {
     }
 }
 
-fn callback_failed(
-    state: &Arc<State>,
-    r: &mut Running,
-    e: CallbackError,
-) -> Result<(), ProxyError> {
-    state.metrics.trap(&r.filter.name);
+fn callback_failed(r: &mut Running, e: CallbackError) -> Result<(), ProxyError> {
+    r.filter.metrics.trap();
     if let Some(handle) = &r.vm {
         WORKER_VMS.with(|vms| vms.borrow_mut().fail(&r.filter, handle, &e));
     }
-    on_failure(state, r, e.to_string())
+    on_failure(r, e.to_string())
 }
 
 /// Runs the response side: headers through the filters (reverse order), then the body and

@@ -99,14 +99,12 @@ pub fn set_tick(
                     Ok(()) => guard.0.take_effects(),
                     Err(e) => {
                         tracing::warn!(filter = %filter.name, %e, "proxy_on_tick failed; the timer stops");
-                        state.metrics.trap(&filter.name);
+                        filter.metrics.trap();
                         return;
                     }
                 }
             };
-            state
-                .metrics
-                .callback(&filter.name, started.elapsed().as_secs_f64());
+            filter.metrics.callback(started.elapsed().as_secs_f64());
             handle_root_effects(&state, &active, &filter, &vm, effects);
         }
     });
