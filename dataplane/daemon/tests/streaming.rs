@@ -773,3 +773,44 @@ fn shutdown_stops_accepting_but_finishes_requests_in_flight() {
     );
     assert!(TcpStream::connect(addr).is_err(), "no longer accepting");
 }
+
+#[test]
+fn filters_steer_routing_by_rewriting_path_and_authority() {
+    let v1 = upstream(|parts, _| {
+        Response::new(Full::new(Bytes::from(format!("v1 {}", parts.uri.path()))))
+    });
+    let v2 = upstream(|parts, _| {
+        Response::new(Full::new(Bytes::from(format!(
+            "v2 {} {}",
+            parts.uri.path(),
+            parts.headers["host"].to_str().unwrap()
+        ))))
+    });
+    let dir = temp_dir("steer");
+    let config = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nworkers: 1\nroutes:\n  - name: v2\n    match: {{hosts: [v2.internal], pathPrefixes: [/v2]}}\n    cluster: v2\n  - name: all\n    cluster: v1\nclusters:\n  - name: v1\n    endpoints: [\"{v1}\"]\n  - name: v2\n    endpoints: [\"{v2}\"]\nfilters:\n  - name: steer\n    module: {}\n    match: {{pathPrefixes: [/beta]}}\n    config: {{request: {{set: {{\":path\": /v2/from-beta, \":authority\": v2.internal}}}}}}\n",
+        filter("header_rewrite").display()
+    );
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    let dp = Dataplane::start(&path).unwrap();
+    let get = |p: &str| {
+        let mut s = TcpStream::connect(dp.proxy_addr).unwrap();
+        write!(
+            s,
+            "GET {p} HTTP/1.1\r\nhost: public.example\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let plain = get("/stable");
+    assert!(plain.ends_with("v1 /stable"), "{plain}");
+    let steered = get("/beta/x");
+    assert!(
+        steered.ends_with("v2 /v2/from-beta v2.internal"),
+        "the route was chosen after the filter rewrote :path and :authority: {steered}"
+    );
+    dp.shutdown();
+}
