@@ -181,45 +181,13 @@ mod duration {
     }
 }
 
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        format!(
-            "invalid duration {text:?}: expected a whole number with a unit, like 250ms, 5s or 1m"
-        )
-    })?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        _ => {
-            return Err(format!(
-                "invalid duration {text:?}: the unit must be ms, s or m"
-            ));
-        }
-    })
-}
+/// Durations and sizes are written as in a WasmFilter (`250ms`, `5s`, `1m`; `64Mi`): one
+/// parser for both, in wasmfilter-api.
+pub use wasmfilter_api::parse_duration;
 
 /// Parses `64Mi`, `512Ki`, `1Gi` or a plain byte count.
 pub fn parse_quantity(text: &str) -> Result<usize, String> {
-    let t = text.trim();
-    let (num, mult) = if let Some(n) = t.strip_suffix("Gi") {
-        (n, 1usize << 30)
-    } else if let Some(n) = t.strip_suffix("Mi") {
-        (n, 1 << 20)
-    } else if let Some(n) = t.strip_suffix("Ki") {
-        (n, 1 << 10)
-    } else {
-        (t, 1)
-    };
-    num.parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| {
-            format!("invalid size {text:?}: expected a number with Ki, Mi or Gi, like 64Mi")
-        })
+    wasmfilter_api::parse_quantity(text.trim()).map(|n| n as usize)
 }
 
 /// A configuration error: which file, which field, what is wrong and what is expected.

@@ -474,22 +474,12 @@ async fn pump_request(
     let order: Vec<usize> = (0..running.len()).collect();
     let mut total = 0u64;
     loop {
-        let frame = match body.frame().await {
-            None => None,
-            Some(Ok(f)) => Some(f),
-            Some(Err(e)) => {
-                tx.abort(e.to_string()).await;
-                return Err(ProxyError::BadRequestBody(e.to_string()));
+        let (data, trailers, eos) = match next_frame(&mut body).await {
+            Ok(frame) => frame,
+            Err(e) => {
+                tx.abort(e.clone()).await;
+                return Err(ProxyError::BadRequestBody(e));
             }
-        };
-        let (data, trailers, eos) = match frame {
-            None => (Vec::new(), None, true),
-            Some(f) => match f.into_data() {
-                // End of stream comes only from the end of the body or its trailers:
-                // `is_end_stream` may already be true while trailers are still to come.
-                Ok(d) => (d.to_vec(), None, false),
-                Err(f) => (Vec::new(), f.into_trailers().ok(), true),
-            },
         };
         total += data.len() as u64;
         exchange.lock().info.request_body_bytes = total;
@@ -533,6 +523,24 @@ async fn pump_request(
         if eos {
             return Ok(Flow::Continue);
         }
+    }
+}
+
+/// The next piece of a body: (data, trailers, end of stream). End of stream comes only from
+/// the end of the body or its trailers: `is_end_stream` may already be true while trailers
+/// are still to come.
+async fn next_frame<B>(body: &mut B) -> Result<(Vec<u8>, Option<HeaderMap>, bool), String>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    match body.frame().await {
+        None => Ok((Vec::new(), None, true)),
+        Some(Err(e)) => Err(e.to_string()),
+        Some(Ok(f)) => match f.into_data() {
+            Ok(d) => Ok((d.to_vec(), None, false)),
+            Err(f) => Ok((Vec::new(), f.into_trailers().ok(), true)),
+        },
     }
 }
 
@@ -1066,22 +1074,12 @@ async fn pump_response(
     let order: Vec<usize> = (0..running.len()).rev().collect();
     let mut total = 0u64;
     loop {
-        let frame = match body.frame().await {
-            None => None,
-            Some(Ok(f)) => Some(f),
-            Some(Err(e)) => {
+        let (data, trailers, eos) = match next_frame(&mut body).await {
+            Ok(frame) => frame,
+            Err(e) => {
                 tx.abort(format!("upstream body failed: {e}")).await;
                 return;
             }
-        };
-        let (data, trailers, eos) = match frame {
-            None => (Vec::new(), None, true),
-            Some(f) => match f.into_data() {
-                // End of stream comes only from the end of the body or its trailers:
-                // `is_end_stream` may already be true while trailers are still to come.
-                Ok(d) => (d.to_vec(), None, false),
-                Err(f) => (Vec::new(), f.into_trailers().ok(), true),
-            },
         };
         total += data.len() as u64;
         exchange.lock().info.response_body_bytes = total;
