@@ -39,7 +39,6 @@ pub struct Dataplane {
     pub admin_addr: SocketAddr,
     stop: Arc<AtomicBool>,
     workers: Vec<std::thread::JoinHandle<()>>,
-    drain_timeout: Duration,
 }
 
 /// Runs `!Send` futures (HTTP/2 streams of one connection) on the worker's own thread.
@@ -93,6 +92,7 @@ impl Dataplane {
             in_flight: Default::default(),
             ready: AtomicBool::new(false),
             config_file: config_file.to_path_buf(),
+            drain_timeout: config.drain_timeout,
         });
         let stop = Arc::new(AtomicBool::new(false));
         let workers_n = if config.workers == 0 {
@@ -131,7 +131,6 @@ impl Dataplane {
             admin_addr,
             stop,
             workers,
-            drain_timeout: config.drain_timeout,
         })
     }
 
@@ -153,7 +152,7 @@ impl Dataplane {
     pub fn shutdown(self) {
         self.state.ready.store(false, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + self.drain_timeout;
+        let deadline = Instant::now() + self.state.drain_timeout;
         while self.state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -271,7 +270,7 @@ fn run_worker(
             });
         }
         // Let in-flight connections finish while the caller waits for the drain.
-        let drain_until = Instant::now() + Duration::from_secs(30);
+        let drain_until = Instant::now() + state.drain_timeout;
         while state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < drain_until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

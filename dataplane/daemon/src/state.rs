@@ -20,4 +20,6 @@ pub struct State {
     pub in_flight: AtomicUsize,
     pub ready: AtomicBool,
     pub config_file: PathBuf,
+    /// How long in-flight requests may take to finish after shutdown begins.
+    pub drain_timeout: std::time::Duration,
 }
