@@ -1,11 +1,5 @@
-//! The wasmfilter operator, library part: resolving module references in OCI registries
-//! ([`oci`]), the content-addressed module cache ([`cache`]), registry credentials
-//! ([`auth`]). The WasmFilter controller and the control plane are not here yet.
+//! The wasmfilter operator, library part. Module resolution, the module cache and registry
+//! credentials live in `wasmfilter-oci` (the dataplane uses them too) and are re-exported
+//! here. The WasmFilter controller and the control plane are not here yet.
 
-pub mod auth;
-pub mod cache;
-pub mod oci;
-
-pub use auth::{Credentials, credentials_from_dockerconfigjson};
-pub use cache::ModuleCache;
-pub use oci::{Layout, ResolveError, ResolvedModule, Resolver, ResolverConfig};
+pub use wasmfilter_oci::*;
