@@ -2,166 +2,33 @@
 //! distribution), one process per test on a free loopback port, storage in a temp dir.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use oci_client::client::{Config, ImageLayer};
 use wasmfilter_operator::cache::sha256_digest;
 use wasmfilter_operator::oci::{self, Layout, PushOptions, push_artifact};
 use wasmfilter_operator::{Credentials, ModuleCache, ResolveError, Resolver, ResolverConfig};
 
-const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+use wasmfilter_testkit::registry::TestRegistry as Registry;
 
-struct Registry {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Registry {
-    /// Starts a registry; with `user`, every request needs that user's basic auth.
-    fn start(user: Option<(&str, &str)>) -> Registry {
-        assert!(
-            Path::new(REGISTRY_BIN).exists(),
-            "{REGISTRY_BIN} not found: these tests need the Debian package docker-registry \
-             (apt-get install -y docker-registry)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut auth = String::new();
-        if let Some((u, p)) = user {
-            let hash = bcrypt::hash(p, 4).unwrap();
-            std::fs::write(dir.path().join("htpasswd"), format!("{u}:{hash}\n")).unwrap();
-            auth = format!(
-                "auth:\n  htpasswd:\n    realm: basic-realm\n    path: {}\n",
-                dir.path().join("htpasswd").display()
-            );
-        }
-        let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  \
-             filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: \
-             127.0.0.1:{port}\n  secret: wasmfilter-test\n{auth}",
-            dir.path().join("storage").display()
-        );
-        std::fs::write(dir.path().join("config.yml"), config).unwrap();
-        let mut r = Registry {
-            child: None,
-            dir,
-            port,
-        };
-        r.restart();
-        r
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn reference(&self, repo_tag: &str) -> String {
-        format!("{}/{repo_tag}", self.host())
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Wait until the port is closed.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            assert!(Instant::now() < deadline, "registry did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// (Re)starts the registry on the same port and storage, waiting until it answers /v2/.
-    fn restart(&mut self) {
-        self.stop();
-        let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
-        let child = Command::new(REGISTRY_BIN)
-            .arg("serve")
-            .arg(self.dir.path().join("config.yml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {REGISTRY_BIN}: {e}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-                let mut buf = [0u8; 12];
-                if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "docker-registry exited with {status}: {}",
-                    std::fs::read_to_string(self.dir.path().join("registry.log"))
-                        .unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not answer on port {} within 20s: {}",
-                self.port,
-                std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Status code of a bare `METHOD path` request (no auth).
-    fn status(&self, method: &str, path: &str) -> u16 {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: {}\r\n\r\n",
-            self.host()
-        )
-        .unwrap();
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).unwrap();
-        std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
-    }
-
-    fn resolver(&self) -> (Resolver, tempfile::TempDir) {
-        let cache_dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(ModuleCache::open(cache_dir.path()).unwrap());
-        let resolver = Resolver::new(
-            cache,
-            ResolverConfig {
-                insecure_registries: vec![self.host()],
-                connect_timeout: Duration::from_secs(2),
-                read_timeout: Duration::from_secs(10),
-                ..Default::default()
-            },
-        );
-        (resolver, cache_dir)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// A resolver that speaks plain HTTP to `reg`, with its own cache directory.
+fn resolver(reg: &Registry) -> (Resolver, tempfile::TempDir) {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ModuleCache::open(cache_dir.path()).unwrap());
+    let resolver = Resolver::new(
+        cache,
+        ResolverConfig {
+            insecure_registries: vec![reg.host()],
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+    );
+    (resolver, cache_dir)
 }
 
 fn module() -> Vec<u8> {
@@ -235,7 +102,7 @@ async fn every_accepted_layout_resolves_to_the_module_bytes() {
     let module = module();
     let digest = sha256_digest(&module);
     let reg = Registry::start(None);
-    let (resolver, cache_dir) = reg.resolver();
+    let (resolver, cache_dir) = resolver(&reg);
 
     // CNCF Wasm artifact, with the push command.
     let cncf = reg.reference("filters/cncf:v1");
@@ -452,7 +319,7 @@ async fn a_moved_tag_resolves_to_the_new_digest() {
     let second = wasmfilter_testkit::rust_filter_bytes("local_reply").unwrap();
     assert_ne!(first, second);
     let reg = Registry::start(None);
-    let (resolver, cache_dir) = reg.resolver();
+    let (resolver, cache_dir) = resolver(&reg);
     let reference = reg.reference("filters/moving:latest");
 
     let m1 = cli_push(&first, &reference, &[]);
@@ -508,7 +375,7 @@ async fn a_moved_tag_resolves_to_the_new_digest() {
 async fn a_wrong_pin_names_both_digests_and_caches_nothing() {
     let module = module();
     let reg = Registry::start(None);
-    let (resolver, cache_dir) = reg.resolver();
+    let (resolver, cache_dir) = resolver(&reg);
     let reference = reg.reference("filters/pinned:v1");
     cli_push(&module, &reference, &[]);
 
@@ -542,7 +409,7 @@ async fn a_wrong_pin_names_both_digests_and_caches_nothing() {
 async fn a_module_that_is_not_proxy_wasm_is_rejected() {
     let plain = wat::parse_str("(module)").unwrap();
     let reg = Registry::start(None);
-    let (resolver, cache_dir) = reg.resolver();
+    let (resolver, cache_dir) = resolver(&reg);
     let reference = reg.reference("filters/plain:v1");
 
     // The push command checks too, unless told not to.
@@ -572,7 +439,7 @@ async fn a_module_that_is_not_proxy_wasm_is_rejected() {
 async fn a_registry_outage_fails_then_recovers() {
     let module = module();
     let mut reg = Registry::start(None);
-    let (resolver, _cache_dir) = reg.resolver();
+    let (resolver, _cache_dir) = resolver(&reg);
     let reference = reg.reference("filters/outage:v1");
     cli_push(&module, &reference, &[]);
 
@@ -598,7 +465,7 @@ async fn a_registry_outage_fails_then_recovers() {
 async fn a_private_repository_needs_valid_credentials() {
     let module = module();
     let reg = Registry::start(Some(("alice", "s3cret")));
-    let (resolver, cache_dir) = reg.resolver();
+    let (resolver, cache_dir) = resolver(&reg);
     let reference = reg.reference("private/filter:v1");
     cli_push(
         &module,

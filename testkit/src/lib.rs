@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 
 mod assemblyscript;
 mod go;
+pub mod registry;
 mod rust;
 mod wasm_exports;
 pub use assemblyscript::{AS_FILTERS, assemblyscript_filter, assemblyscript_filter_bytes};

@@ -106,16 +106,35 @@ impl Active {
                 name: f.name.clone(),
                 message,
             };
-            let path = Config::module_path(config_file, &f.module);
-            let bytes = std::fs::read(&path).map_err(|e| {
-                fail(format!(
-                    "module {}: {e} (build it, or fix filters[{index}].module)",
-                    path.display()
-                ))
-            })?;
+            let (bytes, source) = match (&f.module, &f.image) {
+                (Some(module), _) => {
+                    let path = Config::module_path(config_file, module);
+                    let bytes = std::fs::read(&path).map_err(|e| {
+                        fail(format!(
+                            "module {}: {e} (build it, or fix filters[{index}].module)",
+                            path.display()
+                        ))
+                    })?;
+                    (bytes, path.display().to_string())
+                }
+                (None, Some(image)) => {
+                    let bytes = pull(image, f.sha256.as_deref(), &config.insecure_registries)
+                        .map_err(|e| fail(format!("image {image}: {e}")))?;
+                    (bytes, image.clone())
+                }
+                (None, None) => return Err(fail("no module or image".into())),
+            };
+            if let Some(pin) = &f.sha256 {
+                let actual = sha256_hex(&bytes);
+                if &actual != pin {
+                    return Err(fail(format!(
+                        "{source}: sha256 is {actual}, the configuration pins {pin}"
+                    )));
+                }
+            }
             let module = host
                 .load(&bytes)
-                .map_err(|e| fail(format!("module {}: {e}", path.display())))?;
+                .map_err(|e| fail(format!("module {source}: {e}")))?;
             let filter = LoadedFilter {
                 name: f.name.clone(),
                 module,
@@ -197,6 +216,46 @@ impl Active {
     pub fn is_builtin_echo(&self, cluster: &str) -> bool {
         self.clusters.get(cluster).and_then(|c| c.config.builtin) == Some(Builtin::Echo)
     }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Pulls a module from an OCI registry (anonymously), through the on-disk cache shared with
+/// earlier runs. Runs on its own thread and runtime: configurations are built both from plain
+/// threads and from inside the signal loop's runtime.
+fn pull(image: &str, sha256: Option<&str>, insecure: &[String]) -> Result<Vec<u8>, String> {
+    let dir = crate::module_cache_dir().join("oci");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(async {
+                    let cache = Arc::new(
+                        wasmfilter_oci::ModuleCache::open(&dir).map_err(|e| e.to_string())?,
+                    );
+                    let resolver = wasmfilter_oci::Resolver::new(
+                        cache,
+                        wasmfilter_oci::ResolverConfig {
+                            insecure_registries: insecure.to_vec(),
+                            ..Default::default()
+                        },
+                    );
+                    resolver
+                        .resolve(image, sha256, &wasmfilter_oci::Credentials::Anonymous)
+                        .await
+                        .map(|m| m.bytes.to_vec())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the pull thread panicked".into()))
+    })
 }
 
 /// The error of starting a filter in a new VM.

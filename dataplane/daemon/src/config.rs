@@ -27,6 +27,9 @@ pub struct Config {
     /// request gets 413, the response 500.
     #[serde(default = "default_buffer_limit")]
     pub buffer_limit_bytes: usize,
+    /// Registries (`host:port`) that filter `image`s are pulled from over plain HTTP.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(default = "default_drain", with = "duration")]
     pub drain_timeout: Duration,
@@ -90,8 +93,16 @@ pub enum Builtin {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Filter {
     pub name: String,
-    /// Path to the `.wasm` module, relative to the configuration file.
-    pub module: PathBuf,
+    /// Path to the `.wasm` module, relative to the configuration file. Give this or `image`.
+    #[serde(default)]
+    pub module: Option<PathBuf>,
+    /// An OCI reference (`registry/repository:tag` or `…@sha256:…`) to pull the module from,
+    /// in any layout the operator accepts. Give this or `module`.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Expected sha256 (64 hex) of the module bytes; a module that differs is refused.
+    #[serde(default)]
+    pub sha256: Option<String>,
     #[serde(default)]
     pub root_id: String,
     /// Plugin configuration: a string is passed as-is, anything else as JSON.
@@ -296,6 +307,29 @@ impl Config {
             let field = |x: &str| format!("filters[{i}].{x}");
             if f.name.is_empty() {
                 return Err(err(field("name"), "must not be empty".into()));
+            }
+            match (&f.module, &f.image) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(err(
+                        field("module"),
+                        format!(
+                            "filter {:?}: set exactly one of module (a .wasm file) or image (an OCI reference)",
+                            f.name
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(pin) = &f.sha256
+                && !(pin.len() == 64
+                    && pin
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            {
+                return Err(err(
+                    field("sha256"),
+                    "must be 64 lower-case hex digits (the sha256 of the module bytes)".into(),
+                ));
             }
             if !filter_names.insert(f.name.as_str()) {
                 return Err(err(
