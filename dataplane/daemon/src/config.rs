@@ -12,11 +12,15 @@ use wasmfilter_api::{FailurePolicy, Phase, RequestMatch};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
-    /// Where the proxy listens, e.g. `127.0.0.1:8080`.
-    pub listen: String,
+    /// Where the proxy listens, e.g. `127.0.0.1:8080` (shorthand for one entry of `listeners`).
+    #[serde(default)]
+    pub listen: Option<String>,
     /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) on `listen` with this certificate.
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// More listeners, each plain or with its own certificate. Every worker serves all of them.
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
     /// Where `/ready`, `/live`, `/metrics` and `/config_dump` are served.
     #[serde(default = "default_admin")]
     pub admin: String,
@@ -37,6 +41,15 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
     #[serde(default)]
     pub filters: Vec<Filter>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listener {
+    /// `ip:port`.
+    pub address: String,
+    #[serde(default)]
+    pub tls: Option<Tls>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,7 +257,20 @@ impl Config {
             field,
             message,
         };
-        check_addr(&self.listen).map_err(|m| err("listen".into(), m))?;
+        if let Some(listen) = &self.listen {
+            check_addr(listen).map_err(|m| err("listen".into(), m))?;
+        } else if self.tls.is_some() {
+            return Err(err("tls".into(), "tls applies to `listen`, which is not set; give the certificate in `listeners[].tls` instead".into()));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            check_addr(&l.address).map_err(|m| err(format!("listeners[{i}].address"), m))?;
+        }
+        if self.all_listeners().is_empty() {
+            return Err(err(
+                "listen".into(),
+                "no listener: set `listen` (ip:port) or `listeners`".into(),
+            ));
+        }
         check_addr(&self.admin).map_err(|m| err("admin".into(), m))?;
         if self.routes.is_empty() {
             return Err(err("routes".into(), "at least one route is needed".into()));
@@ -358,6 +384,20 @@ impl Config {
                 .map_err(|m| err(field("logLevel"), m))?;
         }
         Ok(())
+    }
+
+    /// Every listener: `listen` (with `tls`) first, then `listeners`.
+    pub fn all_listeners(&self) -> Vec<Listener> {
+        let mut all: Vec<Listener> = self
+            .listen
+            .iter()
+            .map(|address| Listener {
+                address: address.clone(),
+                tls: self.tls.clone(),
+            })
+            .collect();
+        all.extend(self.listeners.iter().cloned());
+        all
     }
 
     /// Absolute path of a filter's module (relative paths are relative to the config file).

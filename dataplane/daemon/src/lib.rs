@@ -35,7 +35,10 @@ use crate::state::State;
 /// A running dataplane.
 pub struct Dataplane {
     pub state: Arc<State>,
+    /// The first listener's address (`listen`, else `listeners[0]`).
     pub proxy_addr: SocketAddr,
+    /// Every listener's address, in configuration order.
+    pub proxy_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     stop: Arc<AtomicBool>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -62,18 +65,27 @@ impl Dataplane {
         })?;
         let metrics = metrics::Metrics::default();
         let active = Active::build(&host, &config, config_file, &metrics)?;
-        let tls = match &config.tls {
-            Some(t) => Some(tls::acceptor(config_file, t)?),
-            None => None,
-        };
-        let listener = std::net::TcpListener::bind(&config.listen).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: listen: cannot bind {}: {e}",
-                config_file.display(),
-                config.listen
-            )
-        })?;
-        listener.set_nonblocking(true)?;
+        let mut listeners = Vec::new();
+        for (i, l) in config.all_listeners().iter().enumerate() {
+            let tls = match &l.tls {
+                Some(t) => Some(tls::acceptor(config_file, t)?),
+                None => None,
+            };
+            let field = match (&config.listen, i) {
+                (Some(_), 0) => "listen".to_string(),
+                (Some(_), i) => format!("listeners[{}].address", i - 1),
+                (None, i) => format!("listeners[{i}].address"),
+            };
+            let socket = std::net::TcpListener::bind(&l.address).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {field}: cannot bind {}: {e}",
+                    config_file.display(),
+                    l.address
+                )
+            })?;
+            socket.set_nonblocking(true)?;
+            listeners.push((socket, Role::Proxy { tls }));
+        }
         let admin = std::net::TcpListener::bind(&config.admin).map_err(|e| {
             anyhow::anyhow!(
                 "{}: admin: cannot bind {}: {e}",
@@ -82,7 +94,10 @@ impl Dataplane {
             )
         })?;
         admin.set_nonblocking(true)?;
-        let proxy_addr = listener.local_addr()?;
+        let proxy_addrs = listeners
+            .iter()
+            .map(|(l, _)| l.local_addr())
+            .collect::<Result<Vec<_>, _>>()?;
         let admin_addr = admin.local_addr()?;
         let state = Arc::new(State {
             host,
@@ -104,14 +119,16 @@ impl Dataplane {
         };
         let mut workers = Vec::new();
         for i in 0..workers_n {
-            let listener = listener.try_clone()?;
+            let mine = listeners
+                .iter()
+                .map(|(l, role)| Ok((l.try_clone()?, role.clone())))
+                .collect::<std::io::Result<Vec<_>>>()?;
             let state = state.clone();
             let stop = stop.clone();
-            let tls = tls.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
-                    .spawn(move || run_worker(listener, state, stop, Role::Proxy { tls }))?,
+                    .spawn(move || run_worker(mine, state, stop))?,
             );
         }
         {
@@ -120,14 +137,15 @@ impl Dataplane {
             workers.push(
                 std::thread::Builder::new()
                     .name("admin".into())
-                    .spawn(move || run_worker(admin, state, stop, Role::Admin))?,
+                    .spawn(move || run_worker(vec![(admin, Role::Admin)], state, stop))?,
             );
         }
         state.ready.store(true, Ordering::SeqCst);
-        tracing::info!(%proxy_addr, %admin_addr, filters = state.active.load().filters.len(), "dataplane ready");
+        tracing::info!(proxy_addr = ?proxy_addrs, %admin_addr, filters = state.active.load().filters.len(), "dataplane ready");
         Ok(Dataplane {
             state,
-            proxy_addr,
+            proxy_addr: proxy_addrs[0],
+            proxy_addrs,
             admin_addr,
             stop,
             workers,
@@ -212,10 +230,9 @@ enum Role {
 }
 
 fn run_worker(
-    listener: std::net::TcpListener,
+    listeners: Vec<(std::net::TcpListener, Role)>,
     state: Arc<State>,
     stop: Arc<AtomicBool>,
-    role: Role,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -223,51 +240,18 @@ fn run_worker(
         .expect("worker runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-        loop {
-            if stop.load(Ordering::SeqCst) {
-                break;
-            }
-            if let Role::Proxy { .. } = role {
+        let proxy = listeners
+            .iter()
+            .any(|(_, r)| matches!(r, Role::Proxy { .. }));
+        for (listener, role) in listeners {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            tokio::task::spawn_local(accept_loop(listener, role, state.clone(), stop.clone()));
+        }
+        while !stop.load(Ordering::SeqCst) {
+            if proxy {
                 warm(&state);
             }
-            let accepted = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
-            let Ok(Ok((stream, peer))) = accepted else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let local_addr = stream.local_addr().unwrap_or(peer);
-            let state = state.clone();
-            let role = role.clone();
-            tokio::task::spawn_local(async move {
-                match role {
-                    Role::Admin => {
-                        let service = service_fn(move |req| admin::handle(state.clone(), req));
-                        serve(TokioIo::new(stream), service).await;
-                    }
-                    Role::Proxy { tls: None } => {
-                        let service = service_fn(move |req| {
-                            proxy::handle(state.clone(), req, peer, local_addr, false)
-                        });
-                        serve(TokioIo::new(stream), service).await;
-                    }
-                    Role::Proxy {
-                        tls: Some(acceptor),
-                    } => {
-                        // A failed handshake only ends this connection.
-                        let Ok(Ok(tls)) =
-                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                                .await
-                        else {
-                            return;
-                        };
-                        let service = service_fn(move |req| {
-                            proxy::handle(state.clone(), req, peer, local_addr, true)
-                        });
-                        serve(TokioIo::new(tls), service).await;
-                    }
-                }
-            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Let in-flight connections finish while the caller waits for the drain.
         let drain_until = Instant::now() + state.drain_timeout;
@@ -275,6 +259,54 @@ fn run_worker(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
+}
+
+/// Accepts connections on one listener until shutdown begins.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    role: Role,
+    state: Arc<State>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let accepted = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+        let Ok(Ok((stream, peer))) = accepted else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let local_addr = stream.local_addr().unwrap_or(peer);
+        let state = state.clone();
+        let role = role.clone();
+        tokio::task::spawn_local(async move {
+            match role {
+                Role::Admin => {
+                    let service = service_fn(move |req| admin::handle(state.clone(), req));
+                    serve(TokioIo::new(stream), service).await;
+                }
+                Role::Proxy { tls: None } => {
+                    let service = service_fn(move |req| {
+                        proxy::handle(state.clone(), req, peer, local_addr, false)
+                    });
+                    serve(TokioIo::new(stream), service).await;
+                }
+                Role::Proxy {
+                    tls: Some(acceptor),
+                } => {
+                    // A failed handshake only ends this connection.
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await
+                    else {
+                        return;
+                    };
+                    let service = service_fn(move |req| {
+                        proxy::handle(state.clone(), req, peer, local_addr, true)
+                    });
+                    serve(TokioIo::new(tls), service).await;
+                }
+            }
+        });
+    }
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (by preface or ALPN) on one connection.

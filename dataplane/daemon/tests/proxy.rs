@@ -198,6 +198,8 @@ fn bad_configurations_each_get_one_clear_error() {
         (format!("{base}filters: [{{name: f, module: x.wasm, image: 127.0.0.1:1/f:v1}}]\n"), "set exactly one of module"),
         (format!("{base}filters: [{{name: f, image: 127.0.0.1:1/f:v1, sha256: abc}}]\n"), "filters[0].sha256"),
         ("listen: nowhere\nroutes: [{name: r, cluster: c}]\nclusters: [{name: c, builtin: echo}]\n".into(), "listen"),
+        ("routes: [{name: r, cluster: c}]\nclusters: [{name: c, builtin: echo}]\n".into(), "no listener"),
+        ("listen: 127.0.0.1:0\nlisteners: [{address: \"1.2.3\"}]\nroutes: [{name: r, cluster: c}]\nclusters: [{name: c, builtin: echo}]\n".into(), "listeners[0].address"),
         ("listen: 127.0.0.1:0\nadmin: 1.2.3:4\nroutes: [{name: r, cluster: c}]\nclusters: [{name: c, builtin: echo}]\n".into(), "admin"),
         ("listen: 127.0.0.1:0\nroutes: [{name: r, cluster: missing}]\nclusters: [{name: c, builtin: echo}]\n".into(), "routes[0].cluster: no cluster named \"missing\""),
         ("listen: 127.0.0.1:0\nroutes: []\nclusters: [{name: c, builtin: echo}]\n".into(), "routes: at least one route"),

@@ -669,11 +669,24 @@ fn tls_listeners_serve_http1_and_http2_by_alpn() {
     );
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "admin: 127.0.0.1:0\n",
-        "admin: 127.0.0.1:0\ntls: {certFile: cert.pem, keyFile: key.pem}\n",
+        "admin: 127.0.0.1:0\ntls: {certFile: cert.pem, keyFile: key.pem}\nlisteners: [{address: \"127.0.0.1:0\"}]\n",
     );
     std::fs::write(&config, text).unwrap();
     let dp = Dataplane::start(&config).unwrap();
     let addr = dp.proxy_addr;
+    // A second, plain listener served by the same workers and filters.
+    assert_eq!(dp.proxy_addrs.len(), 2);
+    let mut plain = TcpStream::connect(dp.proxy_addrs[1]).unwrap();
+    plain
+        .write_all(b"GET /plain HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    plain.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("x-resp: tls"),
+        "{out}"
+    );
+    assert!(out.contains("\"x-forwarded-proto\": \"http\""), "{out}");
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
