@@ -411,16 +411,12 @@ async fn request_path(
             .await
             .map_err(|e| ProxyError::BadRequestBody(e.to_string()))?;
         let order: Vec<usize> = (0..running.len()).collect();
-        let (out, flow) = through_whole(
+        let p = Pipeline {
             state,
             active,
             exchange,
-            running,
-            &order,
-            Direction::Request,
-            collected,
-        )
-        .await?;
+        };
+        let (out, flow) = through_whole(&p, running, &order, Direction::Request, collected).await?;
         match flow {
             Some(Flow::Local(reply)) => return Ok(Upstream::Local(reply)),
             Some(_) => {
@@ -435,7 +431,12 @@ async fn request_path(
     }
     let (tx, rx) = body::channel();
     let upstream = crate::upstream::send(state, active, &request, Some(rx.boxed_unsync()));
-    let pump = pump_request(state, active, exchange, running, body, tx);
+    let pipeline = Pipeline {
+        state,
+        active,
+        exchange,
+    };
+    let pump = pump_request(&pipeline, running, body, tx);
     tokio::pin!(upstream);
     tokio::pin!(pump);
     // The upstream may answer before the body is through; the body still finishes (or fails).
@@ -464,13 +465,12 @@ async fn request_path(
 
 /// Reads the request body frame by frame and feeds it through the filters to the upstream.
 async fn pump_request(
-    state: &Arc<State>,
-    active: &Arc<Active>,
-    exchange: &SharedExchange,
+    p: &Pipeline<'_>,
     running: &mut [Running],
     mut body: Incoming,
     tx: body::BodySender,
 ) -> Result<Flow, ProxyError> {
+    let exchange = p.exchange;
     let order: Vec<usize> = (0..running.len()).collect();
     let mut total = 0u64;
     loop {
@@ -484,31 +484,8 @@ async fn pump_request(
         total += data.len() as u64;
         exchange.lock().info.request_body_bytes = total;
         let (out, flow) = match trailers {
-            None => {
-                body_chunk(
-                    state,
-                    active,
-                    exchange,
-                    running,
-                    &order,
-                    Direction::Request,
-                    data,
-                    eos,
-                )
-                .await
-            }
-            Some(t) => {
-                trailers_through(
-                    state,
-                    active,
-                    exchange,
-                    running,
-                    &order,
-                    Direction::Request,
-                    t,
-                )
-                .await
-            }
+            None => body_chunk(p, running, &order, Direction::Request, data, eos).await,
+            Some(t) => trailers_through(p, running, &order, Direction::Request, t).await,
         }?;
         if let Some(flow) = flow {
             tx.abort("a filter ended the request".into()).await;
@@ -544,6 +521,14 @@ where
     }
 }
 
+/// What every step of a stream's body pipeline works with.
+#[derive(Clone, Copy)]
+struct Pipeline<'a> {
+    state: &'a Arc<State>,
+    active: &'a Arc<Active>,
+    exchange: &'a SharedExchange,
+}
+
 /// What leaves the last filter for one chunk.
 struct ChunkOut {
     data: Vec<u8>,
@@ -555,15 +540,18 @@ struct ChunkOut {
 /// the filter until it continues.
 #[allow(clippy::too_many_arguments)]
 async fn body_chunk(
-    state: &Arc<State>,
-    active: &Arc<Active>,
-    exchange: &SharedExchange,
+    p: &Pipeline<'_>,
     running: &mut [Running],
     order: &[usize],
     direction: Direction,
     mut data: Vec<u8>,
     eos: bool,
 ) -> Result<(ChunkOut, Option<Flow>), ProxyError> {
+    let Pipeline {
+        state,
+        active,
+        exchange,
+    } = *p;
     for &i in order {
         let r = &mut running[i];
         if r.skipped || r.ctx == 0 {
@@ -624,14 +612,17 @@ async fn body_chunk(
 /// Trailers end the body: each filter's trailer callback runs, and whatever it still held
 /// flows on with them (filters after a buffering one see that data only here).
 async fn trailers_through(
-    state: &Arc<State>,
-    active: &Arc<Active>,
-    exchange: &SharedExchange,
+    p: &Pipeline<'_>,
     running: &mut [Running],
     order: &[usize],
     direction: Direction,
     trailers: HeaderMap,
 ) -> Result<(ChunkOut, Option<Flow>), ProxyError> {
+    let Pipeline {
+        state,
+        active,
+        exchange,
+    } = *p;
     {
         let mut ex = exchange.lock();
         let map = match direction {
@@ -681,14 +672,13 @@ async fn trailers_through(
 /// A whole body (read at once) through the filters: its data with end of stream, then its
 /// trailers if it has any.
 async fn through_whole(
-    state: &Arc<State>,
-    active: &Arc<Active>,
-    exchange: &SharedExchange,
+    p: &Pipeline<'_>,
     running: &mut [Running],
     order: &[usize],
     direction: Direction,
     collected: http_body_util::Collected<Bytes>,
 ) -> Result<(ChunkOut, Option<Flow>), ProxyError> {
+    let exchange = p.exchange;
     let trailers = collected.trailers().cloned();
     let data = collected.to_bytes().to_vec();
     {
@@ -698,24 +688,14 @@ async fn through_whole(
             Direction::Response => ex.info.response_body_bytes = data.len() as u64,
         }
     }
-    let (mut out, flow) = body_chunk(
-        state,
-        active,
-        exchange,
-        running,
-        order,
-        direction,
-        data,
-        trailers.is_none(),
-    )
-    .await?;
+    let (mut out, flow) =
+        body_chunk(p, running, order, direction, data, trailers.is_none()).await?;
     if flow.is_some() {
         return Ok((out, flow));
     }
     if let Some(t) = trailers {
         // Data a buffering filter still holds flows on with the trailers.
-        let (more, flow) =
-            trailers_through(state, active, exchange, running, order, direction, t).await?;
+        let (more, flow) = trailers_through(p, running, order, direction, t).await?;
         out.data.extend_from_slice(&more.data);
         out.trailers = more.trailers;
         return Ok((out, flow));
@@ -1010,16 +990,12 @@ async fn respond(
         let result = match body.collect().await {
             Ok(collected) => {
                 let order: Vec<usize> = (0..running.len()).rev().collect();
-                through_whole(
+                let p = Pipeline {
                     state,
                     active,
-                    &exchange,
-                    &mut running,
-                    &order,
-                    Direction::Response,
-                    collected,
-                )
-                .await
+                    exchange: &exchange,
+                };
+                through_whole(&p, &mut running, &order, Direction::Response, collected).await
             }
             Err(e) => Err(ProxyError::UpstreamProtocol {
                 cluster: "upstream".into(),
@@ -1038,7 +1014,12 @@ async fn respond(
     let (tx, rx) = body::channel();
     let (state, active) = (state.clone(), active.clone());
     tokio::task::spawn_local(async move {
-        pump_response(&state, &active, &exchange, &mut running, body, tx).await;
+        let p = Pipeline {
+            state: &state,
+            active: &active,
+            exchange: &exchange,
+        };
+        pump_response(&p, &mut running, body, tx).await;
         finish_all(&running);
     });
     Ok(head.map(|_| rx.boxed_unsync()))
@@ -1064,13 +1045,12 @@ fn response_head(exchange: &SharedExchange) -> Response<()> {
 }
 
 async fn pump_response(
-    state: &Arc<State>,
-    active: &Arc<Active>,
-    exchange: &SharedExchange,
+    p: &Pipeline<'_>,
     running: &mut [Running],
     mut body: Body,
     tx: body::BodySender,
 ) {
+    let exchange = p.exchange;
     let order: Vec<usize> = (0..running.len()).rev().collect();
     let mut total = 0u64;
     loop {
@@ -1084,31 +1064,8 @@ async fn pump_response(
         total += data.len() as u64;
         exchange.lock().info.response_body_bytes = total;
         let result = match trailers {
-            None => {
-                body_chunk(
-                    state,
-                    active,
-                    exchange,
-                    running,
-                    &order,
-                    Direction::Response,
-                    data,
-                    eos,
-                )
-                .await
-            }
-            Some(t) => {
-                trailers_through(
-                    state,
-                    active,
-                    exchange,
-                    running,
-                    &order,
-                    Direction::Response,
-                    t,
-                )
-                .await
-            }
+            None => body_chunk(p, running, &order, Direction::Response, data, eos).await,
+            Some(t) => trailers_through(p, running, &order, Direction::Response, t).await,
         };
         let out = match result {
             Ok((out, None)) => out,
