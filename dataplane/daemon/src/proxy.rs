@@ -159,6 +159,33 @@ enum Direction {
     Response,
 }
 
+impl Direction {
+    /// The body buffer of this direction in the exchange.
+    fn body(self, ex: &mut HttpExchange) -> &mut Vec<u8> {
+        match self {
+            Direction::Request => &mut ex.request_body,
+            Direction::Response => &mut ex.response_body,
+        }
+    }
+
+    /// The trailers of this direction in the exchange.
+    fn trailers(self, ex: &mut HttpExchange) -> &mut Fields {
+        match self {
+            Direction::Request => &mut ex.request_trailers,
+            Direction::Response => &mut ex.response_trailers,
+        }
+    }
+
+    /// The body-size counter of this direction (for the `request.size`/`response.size`
+    /// properties).
+    fn body_bytes(self, ex: &mut HttpExchange) -> &mut u64 {
+        match self {
+            Direction::Request => &mut ex.info.request_body_bytes,
+            Direction::Response => &mut ex.info.response_body_bytes,
+        }
+    }
+}
+
 pub async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
@@ -535,6 +562,15 @@ struct ChunkOut {
     trailers: Option<HeaderMap>,
 }
 
+impl ChunkOut {
+    fn data(data: Vec<u8>) -> ChunkOut {
+        ChunkOut {
+            data,
+            trailers: None,
+        }
+    }
+}
+
 /// Feeds one chunk through the filters in `order`. Each filter holds its own pending bytes
 /// while it pauses; the body callback sees them all (sizes are cumulative) and nothing passes
 /// the filter until it continues.
@@ -580,33 +616,15 @@ async fn body_chunk(
         match flow {
             Flow::Buffer => {
                 r.pending = held;
-                return Ok((
-                    ChunkOut {
-                        data: Vec::new(),
-                        trailers: None,
-                    },
-                    None,
-                ));
+                return Ok((ChunkOut::data(Vec::new()), None));
             }
             Flow::Continue => data = held,
             other => {
-                return Ok((
-                    ChunkOut {
-                        data: Vec::new(),
-                        trailers: None,
-                    },
-                    Some(other),
-                ));
+                return Ok((ChunkOut::data(Vec::new()), Some(other)));
             }
         }
     }
-    Ok((
-        ChunkOut {
-            data,
-            trailers: None,
-        },
-        None,
-    ))
+    Ok((ChunkOut::data(data), None))
 }
 
 /// Trailers end the body: each filter's trailer callback runs, and whatever it still held
@@ -625,10 +643,7 @@ async fn trailers_through(
     } = *p;
     {
         let mut ex = exchange.lock();
-        let map = match direction {
-            Direction::Request => &mut ex.request_trailers,
-            Direction::Response => &mut ex.response_trailers,
-        };
+        let map = direction.trailers(&mut ex);
         *map = Fields::new();
         to_fields(&trailers, map);
     }
@@ -645,25 +660,15 @@ async fn trailers_through(
         })
         .await?;
         if let Flow::Local(_) | Flow::Reset = flow {
-            return Ok((
-                ChunkOut {
-                    data: Vec::new(),
-                    trailers: None,
-                },
-                Some(flow),
-            ));
+            return Ok((ChunkOut::data(Vec::new()), Some(flow)));
         }
         data = std::mem::take(&mut r.pending);
     }
-    let ex = exchange.lock();
-    let map = match direction {
-        Direction::Request => &ex.request_trailers,
-        Direction::Response => &ex.response_trailers,
-    };
+    let trailers = to_header_map(direction.trailers(&mut exchange.lock()));
     Ok((
         ChunkOut {
             data,
-            trailers: Some(to_header_map(map)),
+            trailers: Some(trailers),
         },
         None,
     ))
@@ -681,13 +686,7 @@ async fn through_whole(
     let exchange = p.exchange;
     let trailers = collected.trailers().cloned();
     let data = collected.to_bytes().to_vec();
-    {
-        let mut ex = exchange.lock();
-        match direction {
-            Direction::Request => ex.info.request_body_bytes = data.len() as u64,
-            Direction::Response => ex.info.response_body_bytes = data.len() as u64,
-        }
-    }
+    *direction.body_bytes(&mut exchange.lock()) = data.len() as u64;
     let (mut out, flow) =
         body_chunk(p, running, order, direction, data, trailers.is_none()).await?;
     if flow.is_some() {
@@ -713,19 +712,11 @@ fn sized(out: ChunkOut) -> Body {
 }
 
 fn set_body(exchange: &SharedExchange, direction: Direction, bytes: Vec<u8>) {
-    let mut ex = exchange.lock();
-    match direction {
-        Direction::Request => ex.request_body = bytes,
-        Direction::Response => ex.response_body = bytes,
-    }
+    *direction.body(&mut exchange.lock()) = bytes;
 }
 
 fn take_body(exchange: &SharedExchange, direction: Direction) -> Vec<u8> {
-    let mut ex = exchange.lock();
-    match direction {
-        Direction::Request => std::mem::take(&mut ex.request_body),
-        Direction::Response => std::mem::take(&mut ex.response_body),
-    }
+    std::mem::take(direction.body(&mut exchange.lock()))
 }
 
 /// Creates the filter's stream context; `false` if the filter is skipped (FailOpen).
