@@ -10,6 +10,13 @@ use serde::{Deserialize, Serialize};
 
 pub mod crd;
 
+/// The control protocol between the operator and the dataplanes (proto/wasmfilter/control/
+/// v1alpha1/control.proto): generated messages and the FilterDiscovery client and server.
+pub mod control {
+    #![allow(clippy::all, missing_docs)]
+    include!("proto/wasmfilter.control.v1alpha1.rs");
+}
+
 /// Where a filter sits in the chain; phases run in this order, then by priority (higher
 /// first), then by name, so the order never depends on the order of creation.
 #[derive(
