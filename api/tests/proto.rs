@@ -16,6 +16,8 @@ fn generated_code_matches_the_proto() {
         // No `connect` helper: the dataplane builds its own Channel (TLS, keepalives), and the
         // api crate stays free of tonic's transport.
         .build_transport(false)
+        // `bytes` fields as `Bytes`: module chunks are slices of one buffer, not copies.
+        .bytes(".")
         .compile_protos(
             &[api.join("proto/wasmfilter/control/v1alpha1/control.proto")],
             &[api.join("proto")],

@@ -100,13 +100,13 @@ pub struct Filter {
     #[prost(string, tag = "5")]
     pub root_id: ::prost::alloc::string::String,
     /// Handed to proxy_on_configure.
-    #[prost(bytes = "vec", tag = "6")]
-    pub configuration: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "6")]
+    pub configuration: ::prost::bytes::Bytes,
     /// VM sharing key (already scoped to the namespace by the operator) and proxy_on_vm_start input.
     #[prost(string, tag = "7")]
     pub vm_id: ::prost::alloc::string::String,
-    #[prost(bytes = "vec", tag = "8")]
-    pub vm_configuration: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "8")]
+    pub vm_configuration: ::prost::bytes::Bytes,
     #[prost(map = "string, string", tag = "9")]
     pub env: ::std::collections::HashMap<
         ::prost::alloc::string::String,
@@ -259,8 +259,8 @@ pub struct FetchModuleRequest {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ModuleChunk {
-    #[prost(bytes = "vec", tag = "1")]
-    pub data: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "1")]
+    pub data: ::prost::bytes::Bytes,
     /// Set on the first chunk: the size of the whole module.
     #[prost(uint64, tag = "2")]
     pub total_size: u64,

@@ -1,0 +1,231 @@
+//! The control plane's shared state: the [`Index`] behind a lock, change notifications for the
+//! gRPC streams (which filters changed) and for the controller (whose rollout changed), the
+//! module store dataplanes fetch from, and the latest stats each dataplane reported.
+//!
+//! The controller writes through [`ControlPlane::publish`] / [`ControlPlane::withdraw`]; the
+//! gRPC layer through `connect`, `acknowledge`, `report_stats` and `disconnect`. Neither knows
+//! the other.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{broadcast, watch};
+use wasmfilter_api::LabelSelector;
+use wasmfilter_api::control::FilterStats;
+use wasmfilter_oci::ModuleCache;
+
+use crate::index::{FilterKey, FilterVersion, Index, Rollout};
+
+pub struct ControlPlane {
+    index: RwLock<Index>,
+    /// Bumped whenever a published filter changes; each stream recomputes its chain.
+    chains: watch::Sender<u64>,
+    /// Filters whose rollout (or stats) changed, for the controller's status writer.
+    rollouts: broadcast::Sender<FilterKey>,
+    modules: Arc<ModuleCache>,
+    /// (dataplane, filter name) → the filter's latest cumulative stats on that dataplane.
+    stats: Mutex<BTreeMap<(String, String), FilterStats>>,
+    /// Stream generation per dataplane id: a reconnect supersedes the older stream, whose
+    /// late disconnect must not remove the new one.
+    sessions: Mutex<BTreeMap<String, u64>>,
+    next_session: AtomicU64,
+    pub counters: Counters,
+}
+
+/// Totals since the operator started, for /metrics and for tests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub module_bytes_served: AtomicU64,
+    pub module_fetches: AtomicU64,
+    pub snapshots_sent: AtomicU64,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+}
+
+/// A filter's stats summed over the dataplanes that run it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatsSummary {
+    pub dataplanes: u32,
+    pub invocations: u64,
+    pub traps: u64,
+    pub fail_open_skips: u64,
+    pub fail_closed: u64,
+    pub vm_restarts: u64,
+    pub latency_count: u64,
+    pub latency_sum_seconds: f64,
+}
+
+impl ControlPlane {
+    pub fn new(modules: Arc<ModuleCache>) -> Arc<ControlPlane> {
+        Arc::new(ControlPlane {
+            index: RwLock::default(),
+            chains: watch::channel(0).0,
+            rollouts: broadcast::channel(4096).0,
+            modules,
+            stats: Mutex::default(),
+            sessions: Mutex::default(),
+            next_session: AtomicU64::new(1),
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn modules(&self) -> &Arc<ModuleCache> {
+        &self.modules
+    }
+
+    /// Publishes a filter version to the dataplanes `selector` matches (replacing the one
+    /// published before). Affected streams push a new snapshot after a short debounce.
+    pub fn publish(&self, selector: LabelSelector, version: FilterVersion) {
+        let key = version.key.clone();
+        if self.index.write().unwrap().publish(selector, version) {
+            self.chains.send_modify(|v| *v += 1);
+            let _ = self.rollouts.send(key);
+        }
+    }
+
+    /// Removes a filter from every dataplane.
+    pub fn withdraw(&self, key: &FilterKey) {
+        if self.index.write().unwrap().withdraw(key) {
+            self.chains.send_modify(|v| *v += 1);
+            let _ = self.rollouts.send(key.clone());
+        }
+    }
+
+    pub fn rollout(&self, key: &FilterKey) -> Rollout {
+        self.index.read().unwrap().rollout(key)
+    }
+
+    pub fn is_published(&self, key: &FilterKey) -> bool {
+        self.index.read().unwrap().published(key).is_some()
+    }
+
+    /// Filters whose rollout changed (a dataplane acknowledged, refused, connected or left),
+    /// as they happen. A lagging receiver should re-read every filter it cares about.
+    pub fn subscribe_rollouts(&self) -> broadcast::Receiver<FilterKey> {
+        self.rollouts.subscribe()
+    }
+
+    pub fn subscribe_chains(&self) -> watch::Receiver<u64> {
+        self.chains.subscribe()
+    }
+
+    /// The chain a dataplane with these labels runs now, in chain order, with revisions.
+    pub fn chain_for(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Vec<(Arc<FilterVersion>, String)> {
+        self.index.read().unwrap().chain_for(labels)
+    }
+
+    pub fn dataplane_count(&self) -> usize {
+        self.index.read().unwrap().dataplane_count()
+    }
+
+    /// Registers a dataplane's stream; returns its session number for [`disconnect`](Self::disconnect).
+    pub fn connect(&self, id: &str, labels: BTreeMap<String, String>) -> u64 {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.sessions.lock().unwrap().insert(id.to_string(), session);
+        let affected = {
+            let mut index = self.index.write().unwrap();
+            index.connect(id, labels.clone());
+            index.selecting(&labels)
+        };
+        self.notify(affected);
+        session
+    }
+
+    /// Forgets a dataplane whose stream ended, unless a newer stream of the same id took over.
+    pub fn disconnect(&self, id: &str, session: u64) {
+        {
+            let mut sessions = self.sessions.lock().unwrap();
+            if sessions.get(id) != Some(&session) {
+                return;
+            }
+            sessions.remove(id);
+        }
+        let affected = {
+            let mut index = self.index.write().unwrap();
+            let affected = index
+                .dataplane(id)
+                .map(|dp| index.selecting(&dp.labels))
+                .unwrap_or_default();
+            index.disconnect(id);
+            affected
+        };
+        self.stats.lock().unwrap().retain(|(dp, _), _| dp != id);
+        self.notify(affected);
+    }
+
+    /// Records a dataplane's answer to the snapshot that carried `sent` (name → revision).
+    pub fn acknowledge(
+        &self,
+        id: &str,
+        sent: &BTreeMap<String, String>,
+        refused: &BTreeMap<String, (String, String, Option<String>)>,
+    ) {
+        if refused.is_empty() {
+            self.counters.acks.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.nacks.fetch_add(1, Ordering::Relaxed);
+        }
+        let changed = self.index.write().unwrap().acknowledge(id, sent, refused);
+        self.notify(changed.iter().filter_map(|name| parse_key(name)).collect());
+    }
+
+    pub fn report_stats(&self, id: &str, filters: Vec<FilterStats>) {
+        let mut stats = self.stats.lock().unwrap();
+        stats.retain(|(dp, _), _| dp != id);
+        for f in filters {
+            stats.insert((id.to_string(), f.name.clone()), f);
+        }
+    }
+
+    /// The latest stats of `key`, summed over the dataplanes that reported it.
+    pub fn stats_summary(&self, key: &FilterKey) -> StatsSummary {
+        let name = key.to_string();
+        let stats = self.stats.lock().unwrap();
+        let mut s = StatsSummary::default();
+        for ((_, filter), f) in stats.iter() {
+            if filter != &name {
+                continue;
+            }
+            s.dataplanes += 1;
+            s.invocations += f.invocations;
+            s.traps += f.traps;
+            s.fail_open_skips += f.fail_open_skips;
+            s.fail_closed += f.fail_closed;
+            s.vm_restarts += f.vm_restarts;
+            s.latency_count += f.latency_count;
+            s.latency_sum_seconds += f.latency_sum_seconds;
+        }
+        s
+    }
+
+    /// Every (dataplane, filter) stats entry, for the Prometheus exposition.
+    pub fn all_stats(&self) -> Vec<(String, FilterStats)> {
+        self.stats
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|((dp, _), f)| (dp.clone(), f.clone()))
+            .collect()
+    }
+
+    /// Digests of every published module.
+    pub fn published_digests(&self) -> BTreeSet<String> {
+        self.index.read().unwrap().digests()
+    }
+
+    fn notify(&self, keys: BTreeSet<FilterKey>) {
+        for key in keys {
+            let _ = self.rollouts.send(key);
+        }
+    }
+}
+
+/// `namespace/name` → key.
+pub fn parse_key(name: &str) -> Option<FilterKey> {
+    let (ns, n) = name.split_once('/')?;
+    Some(FilterKey::new(ns, n))
+}
