@@ -1,0 +1,844 @@
+//! The WasmFilter controller: from a WasmFilter's spec to a published [`FilterVersion`] and a
+//! status that says which module runs where.
+//!
+//! ```text
+//!  watch WasmFilters (all namespaces) ──► reflector store ──► Controller (≤ concurrency reconciles)
+//!        │ Delete / relist: withdraw                               │
+//!        ▼                                                          ▼
+//!  ControlPlane::withdraw              reconcile: spec → domain types → pull secret → Resolver
+//!                                        → ControlPlane::publish → status::compute
+//!                                        → server-side apply of status → Events on transitions
+//!  ControlPlane::subscribe_rollouts ──► reconcile_on (acks, nacks, dataplanes coming and going)
+//! ```
+//!
+//! Contracts:
+//! - Level-triggered and idempotent: a reconcile derives everything from the object, the
+//!   control plane and what this process resolved before; running it twice changes nothing.
+//! - One module resolution per (object uid, generation) with pullPolicy IfNotPresent; with
+//!   Always, again every [`Config::refresh_interval`]. A resolution always asks the registry
+//!   for the manifest with the WasmFilter's own namespace's credentials (only blob downloads
+//!   are shared through the content-addressed cache), so a namespace cannot run a private
+//!   module another namespace pulled.
+//! - A spec that fails never withdraws the version already published: the dataplanes keep
+//!   it, and the Degraded condition says so.
+//! - Transient failures (registry unreachable, API errors) return an error, so
+//!   [`error_policy`] retries with backoff and a registry that comes back clears the condition
+//!   by itself; other failures are retried on the same backoff (a pull secret or a tag may be
+//!   fixed without touching the WasmFilter); an invalid spec waits for the next edit.
+//! - No finalizer: there is no external state (the module cache is content-addressed and
+//!   shared). A deleted WasmFilter is withdrawn when the watch reports the deletion, when a
+//!   relist no longer has it, or when a scheduled reconcile no longer finds it.
+//! - Status is written by server-side apply with the field manager [`FIELD_MANAGER`], only
+//!   when it differs from the status this process wrote last (or, the first time, from the
+//!   object's).
+
+pub mod status;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller, Error as ControllerError};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::broadcast;
+use wasmfilter_api::crd::{self, SpecError, WasmFilter, WasmFilterStatus};
+use wasmfilter_api::{FilterLimits, LabelSelector, ModuleLocation, RequestMatch};
+use wasmfilter_oci::{Credentials, ResolveError, Resolver, credentials_from_dockerconfigjson};
+
+use crate::admin::{Health, Metrics, ReasonLabel, ResultLabel};
+use crate::control::ControlPlane;
+use crate::index::{FilterKey, FilterVersion};
+use status::{EventKind, Failure, Resolution, reason};
+
+/// The one field manager of every status write.
+pub const FIELD_MANAGER: &str = "wasmfilter-operator";
+
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// pullPolicy Always: how often a tag is re-resolved. Also the longest retry delay.
+    pub refresh_interval: Duration,
+    /// First retry after a failed reconcile; doubles per consecutive failure up to
+    /// `refresh_interval`, and resets on success.
+    pub retry_base: Duration,
+    /// Reconciles (and so module pulls) running at once.
+    pub concurrency: u16,
+    /// Triggers for one object within this window become one reconcile (dataplanes
+    /// acknowledging one after the other make one status write, not one each).
+    pub debounce: Duration,
+    /// `reportingInstance` of Events (the pod name).
+    pub instance: Option<String>,
+    pub metrics: Metrics,
+    /// Set once the first list of WasmFilters has been processed.
+    pub health: Arc<Health>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            refresh_interval: Duration::from_secs(300),
+            retry_base: Duration::from_secs(5),
+            concurrency: 8,
+            debounce: Duration::from_millis(500),
+            instance: None,
+            metrics: Metrics::default(),
+            health: Arc::default(),
+        }
+    }
+}
+
+/// Why a reconcile returned an error (and will be retried by [`error_policy`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{key}: {reason}: {message}")]
+    Transient {
+        key: FilterKey,
+        reason: &'static str,
+        message: String,
+    },
+    #[error("writing the status of {key}: {source}")]
+    Status {
+        key: FilterKey,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    pub fn key(&self) -> &FilterKey {
+        match self {
+            Error::Transient { key, .. } | Error::Status { key, .. } => key,
+        }
+    }
+
+    /// The `reason` label of the reconcile error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Transient { reason, .. } => reason,
+            Error::Status { .. } => "StatusWriteFailed",
+        }
+    }
+}
+
+/// A module resolution remembered for one object generation.
+#[derive(Clone, Debug)]
+struct CachedResolution {
+    generation: i64,
+    at: Instant,
+    module: crd::ResolvedModule,
+}
+
+/// What this process knows of one WasmFilter (by key; reset when the uid changes).
+#[derive(Clone, Debug, Default)]
+struct FilterState {
+    uid: String,
+    resolution: Option<CachedResolution>,
+    /// The module of the version this process published for it.
+    published: Option<crd::ResolvedModule>,
+    /// The status this process wrote last.
+    written: Option<WasmFilterStatus>,
+    /// Consecutive failed reconciles, for the retry backoff.
+    failures: u32,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    client: Client,
+    control: Arc<ControlPlane>,
+    resolver: Arc<Resolver>,
+    recorder: Recorder,
+    config: Config,
+    filters: Mutex<HashMap<FilterKey, FilterState>>,
+    store: OnceLock<Store<WasmFilter>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the controller until the process ends: [`Context::run`] without a shutdown signal.
+pub async fn run(
+    client: Client,
+    control: Arc<ControlPlane>,
+    resolver: Arc<Resolver>,
+    config: Config,
+) {
+    Context::new(client, control, resolver, config)
+        .run(std::future::pending())
+        .await
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        control: Arc<ControlPlane>,
+        resolver: Arc<Resolver>,
+        config: Config,
+    ) -> Arc<Context> {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: config.instance.clone(),
+            },
+        );
+        Arc::new(Context {
+            client,
+            control,
+            resolver,
+            recorder,
+            config,
+            filters: Mutex::default(),
+            store: OnceLock::new(),
+        })
+    }
+
+    pub fn control(&self) -> &Arc<ControlPlane> {
+        &self.control
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Watches WasmFilters in every namespace and reconciles them until `shutdown` completes
+    /// (reconciles in flight finish first).
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+        let api: Api<WasmFilter> = Api::all(self.client.clone());
+        let (reader, writer) = reflector::store();
+        let _ = self.store.set(reader.clone());
+        let observer = self.clone();
+        let objects = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .inspect(move |event| observer.observe(event))
+            .applied_objects();
+        let triggers = rollout_triggers(self.control.subscribe_rollouts(), reader.clone());
+        let config = kube::runtime::controller::Config::default()
+            .concurrency(self.config.concurrency)
+            .debounce(self.config.debounce);
+        let ctx = self.clone();
+        Controller::for_stream(objects, reader)
+            .reconcile_on(triggers)
+            .with_config(config)
+            .graceful_shutdown_on(shutdown)
+            .run(reconcile, error_policy, self.clone())
+            .for_each(move |result| {
+                match result {
+                    Ok(_) => {}
+                    // A reconcile scheduled (requeue, rollout) for an object that is gone.
+                    Err(ControllerError::ObjectNotFound(r)) => {
+                        if let Some(ns) = &r.namespace {
+                            ctx.forget(&FilterKey::new(ns.clone(), r.name.clone()));
+                        }
+                    }
+                    Err(ControllerError::ReconcilerFailed(e, _)) => {
+                        tracing::warn!(error = %e, "reconcile failed; retrying with backoff");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "WasmFilter watch"),
+                }
+                std::future::ready(())
+            })
+            .await;
+    }
+
+    /// Sees every watch event before the controller does: deletions withdraw, and the end of
+    /// a (re)list withdraws whatever is no longer listed (deletions missed while the watch was
+    /// down) and marks the controller synced.
+    fn observe(&self, event: &Result<watcher::Event<WasmFilter>, watcher::Error>) {
+        match event {
+            Ok(watcher::Event::Delete(obj)) => self.forget(&key_of(obj)),
+            Ok(watcher::Event::InitDone) => {
+                if let Some(store) = self.store.get() {
+                    let listed: BTreeSet<FilterKey> =
+                        store.state().iter().map(|o| key_of(o)).collect();
+                    let gone: Vec<FilterKey> = self
+                        .filters
+                        .lock()
+                        .unwrap()
+                        .keys()
+                        .filter(|k| !listed.contains(k))
+                        .cloned()
+                        .collect();
+                    for key in gone {
+                        self.forget(&key);
+                    }
+                }
+                self.config.health.set_synced();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WasmFilter watch failed; retrying"),
+        }
+    }
+
+    /// A WasmFilter is gone (or being deleted): take it off every dataplane.
+    pub fn forget(&self, key: &FilterKey) {
+        self.filters.lock().unwrap().remove(key);
+        if self.control.is_published(key) {
+            tracing::info!(filter = %key, "WasmFilter deleted; withdrawing it");
+        }
+        self.control.withdraw(key);
+    }
+
+    fn with_state<T>(
+        &self,
+        key: &FilterKey,
+        uid: &str,
+        f: impl FnOnce(&mut FilterState) -> T,
+    ) -> T {
+        let mut filters = self.filters.lock().unwrap();
+        let state = filters.entry(key.clone()).or_default();
+        if state.uid != uid {
+            // A new object under the same name: nothing of the old one applies.
+            *state = FilterState {
+                uid: uid.to_string(),
+                ..Default::default()
+            };
+        }
+        f(state)
+    }
+
+    /// The delay before retrying a failing object: `retry_base` doubling per consecutive
+    /// failure, capped at `refresh_interval`.
+    fn retry_after(&self, key: &FilterKey) -> Duration {
+        let n = {
+            let mut filters = self.filters.lock().unwrap();
+            let state = filters.entry(key.clone()).or_default();
+            state.failures = state.failures.saturating_add(1);
+            state.failures
+        };
+        let factor = 1u32 << (n - 1).min(16);
+        self.config
+            .retry_base
+            .saturating_mul(factor)
+            .min(self.config.refresh_interval)
+            .max(Duration::from_millis(10))
+    }
+
+    /// Turns the spec into a deployable version: domain types, pull secret, module.
+    async fn prepare(
+        &self,
+        obj: &WasmFilter,
+        key: &FilterKey,
+        uid: &str,
+        generation: i64,
+    ) -> Result<(LabelSelector, FilterVersion, crd::ResolvedModule), Failure> {
+        let spec = &obj.spec;
+        let invalid = |e: SpecError| Failure {
+            reason: reason::INVALID_SPEC,
+            message: format!("{e}; fix the WasmFilter's spec"),
+            transient: false,
+        };
+        let location = ModuleLocation::try_from(&spec.module).map_err(invalid)?;
+        let selector = spec.label_selector().map_err(invalid)?;
+        let configuration = spec.configuration_bytes().map_err(invalid)?;
+        let vm_configuration = spec.vm_configuration_bytes().map_err(invalid)?;
+        let limits = FilterLimits::try_from(&spec.limits).map_err(invalid)?;
+        let module = self.module(key, uid, generation, &location).await?;
+        let version = FilterVersion {
+            key: key.clone(),
+            module_digest: module.digest.clone(),
+            module_size: u64::try_from(module.size).unwrap_or(0),
+            root_id: spec.root_id.clone(),
+            configuration,
+            vm_id: scoped_vm_id(&key.namespace, &spec.vm.id),
+            vm_configuration,
+            env: spec.vm.env.clone(),
+            matches: RequestMatch::from(&spec.matches),
+            phase: spec.phase.into(),
+            priority: spec.priority,
+            failure_policy: spec.failure_policy.into(),
+            limits,
+        };
+        Ok((selector, version, module))
+    }
+
+    /// The module of `location`: this generation's earlier resolution when it may be reused,
+    /// else a resolution against the registry with the namespace's credentials.
+    async fn module(
+        &self,
+        key: &FilterKey,
+        uid: &str,
+        generation: i64,
+        location: &ModuleLocation,
+    ) -> Result<crd::ResolvedModule, Failure> {
+        let (reference, pull_secret, always_pull, sha256) = match location {
+            ModuleLocation::Image {
+                reference,
+                pull_secret,
+                always_pull,
+                sha256,
+            } => (reference, pull_secret, *always_pull, sha256),
+            ModuleLocation::Url { .. } => {
+                return Err(Failure {
+                    reason: reason::UNSUPPORTED_SOURCE,
+                    message: "module.url is not supported by this operator version: publish the \
+                              module to an OCI registry (wasmfilter-operator push FILE \
+                              REGISTRY/REPOSITORY:TAG) and set module.image instead"
+                        .into(),
+                    transient: false,
+                });
+            }
+        };
+        let reusable = self.with_state(key, uid, |s| {
+            s.resolution
+                .as_ref()
+                .filter(|c| c.generation == generation)
+                .filter(|c| !always_pull || c.at.elapsed() < self.config.refresh_interval)
+                .map(|c| c.module.clone())
+        });
+        if let Some(module) = reusable {
+            self.config.metrics.resolution_cache_hits.inc();
+            return Ok(module);
+        }
+        let credentials = self
+            .credentials(&key.namespace, pull_secret.as_deref(), reference)
+            .await?;
+        let started = Instant::now();
+        let result = self
+            .resolver
+            .resolve(reference, sha256.as_deref(), &credentials)
+            .await;
+        self.config
+            .metrics
+            .pull_duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(m) => {
+                self.pull_result("resolved");
+                let module = crd::ResolvedModule {
+                    digest: m.digest,
+                    manifest_digest: Some(m.manifest_digest),
+                    resolved_from: m.resolved_from,
+                    size: i64::try_from(m.bytes.len()).unwrap_or(i64::MAX),
+                };
+                self.with_state(key, uid, |s| {
+                    s.resolution = Some(CachedResolution {
+                        generation,
+                        at: Instant::now(),
+                        module: module.clone(),
+                    })
+                });
+                Ok(module)
+            }
+            Err(e) => {
+                let failure = resolve_failure(&e, reference, pull_secret.as_deref());
+                self.pull_result(failure.reason);
+                Err(failure)
+            }
+        }
+    }
+
+    fn pull_result(&self, result: &str) {
+        self.config
+            .metrics
+            .pulls
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// The credentials for `reference` in `namespace`: anonymous without a pull secret, else
+    /// the entry for the reference's registry in the Secret's `.dockerconfigjson`.
+    async fn credentials(
+        &self,
+        namespace: &str,
+        secret: Option<&str>,
+        reference: &str,
+    ) -> Result<Credentials, Failure> {
+        let Some(name) = secret else {
+            return Ok(Credentials::Anonymous);
+        };
+        let registry = registry_of(reference);
+        let fail = |reason, message: String, transient| Failure {
+            reason,
+            message,
+            transient,
+        };
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let secret = match api.get_opt(name).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return Err(fail(
+                    reason::PULL_SECRET_NOT_FOUND,
+                    format!(
+                        "module.pullSecret: Secret {name:?} not found in namespace {namespace:?}; \
+                         create it with: kubectl create secret docker-registry {name} -n \
+                         {namespace} --docker-server={registry} --docker-username=USER \
+                         --docker-password=PASSWORD"
+                    ),
+                    false,
+                ));
+            }
+            Err(e) => {
+                return Err(fail(
+                    reason::PULL_SECRET_UNREADABLE,
+                    format!(
+                        "module.pullSecret: reading Secret {name:?} in namespace {namespace:?}: \
+                         {e} (the operator needs get on secrets)"
+                    ),
+                    true,
+                ));
+            }
+        };
+        const DOCKERCONFIGJSON: &str = "kubernetes.io/dockerconfigjson";
+        let invalid = |what: String| {
+            fail(
+                reason::PULL_SECRET_INVALID,
+                format!(
+                    "module.pullSecret: Secret {name:?} in namespace {namespace:?} {what}; it \
+                     must be a {DOCKERCONFIGJSON} Secret (kubectl create secret docker-registry)"
+                ),
+                false,
+            )
+        };
+        if secret.type_.as_deref() != Some(DOCKERCONFIGJSON) {
+            return Err(invalid(format!(
+                "is of type {}",
+                secret.type_.as_deref().unwrap_or("Opaque")
+            )));
+        }
+        let Some(json) = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(".dockerconfigjson"))
+        else {
+            return Err(invalid("has no .dockerconfigjson key".into()));
+        };
+        match credentials_from_dockerconfigjson(&json.0, registry) {
+            Ok(Some(c)) => Ok(c),
+            Ok(None) => Err(fail(
+                reason::PULL_SECRET_MISSING_REGISTRY,
+                format!(
+                    "module.pullSecret: Secret {name:?} in namespace {namespace:?} has no \
+                     credentials for registry {registry} (no entry for it under \"auths\" in its \
+                     .dockerconfigjson); add one, or point module.pullSecret at a Secret that \
+                     has one"
+                ),
+                false,
+            )),
+            Err(e) => Err(invalid(format!("cannot be read: {e}"))),
+        }
+    }
+
+    async fn publish_event(&self, obj: &WasmFilter, e: &status::EventSpec) {
+        let event = Event {
+            type_: match e.kind {
+                EventKind::Normal => EventType::Normal,
+                EventKind::Warning => EventType::Warning,
+            },
+            reason: e.reason.clone(),
+            note: Some(e.note.clone()),
+            action: e.action.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %err, filter = %key_of(obj), reason = %e.reason, "publishing an Event failed");
+        }
+    }
+}
+
+/// One reconcile of `obj`. Public so tests can drive it without the watch machinery.
+pub async fn reconcile(obj: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.config.metrics.reconciles.inc();
+    let key = key_of(&obj);
+    if obj.metadata.deletion_timestamp.is_some() {
+        ctx.forget(&key);
+        return Ok(Action::await_change());
+    }
+    let uid = obj.uid().unwrap_or_default();
+    let generation = obj.metadata.generation.unwrap_or(0);
+
+    let resolution = match ctx.prepare(&obj, &key, &uid, generation).await {
+        Ok((selector, version, module)) => {
+            let revision = version.revision();
+            ctx.control.publish(selector, version);
+            ctx.with_state(&key, &uid, |s| {
+                s.published = Some(module.clone());
+                s.failures = 0;
+            });
+            Resolution::Resolved { module, revision }
+        }
+        Err(failure) => {
+            ctx.config
+                .metrics
+                .reconcile_errors
+                .get_or_create(&ReasonLabel {
+                    reason: failure.reason.into(),
+                })
+                .inc();
+            tracing::info!(filter = %key, reason = failure.reason, message = %failure.message, "WasmFilter not deployable");
+            Resolution::Failed(failure)
+        }
+    };
+
+    let (published, written) =
+        ctx.with_state(&key, &uid, |s| (s.published.clone(), s.written.clone()));
+    let published = published.filter(|_| ctx.control.is_published(&key));
+    let rollout = ctx.control.rollout(&key);
+    let previous = written.or_else(|| obj.status.clone());
+    let (new_status, events) = status::compute(&status::Input {
+        generation,
+        previous: previous.as_ref(),
+        resolution: &resolution,
+        published: published.as_ref(),
+        rollout: &rollout,
+        now: now(),
+    });
+    if previous.as_ref() != Some(&new_status) {
+        let api: Api<WasmFilter> = Api::namespaced(ctx.client.clone(), &key.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": "wasmfilter.dev/v1alpha1",
+            "kind": "WasmFilter",
+            "status": new_status,
+        });
+        match api
+            .patch_status(
+                &key.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => ctx.with_state(&key, &uid, |s| s.written = Some(new_status)),
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                ctx.forget(&key);
+                return Ok(Action::await_change());
+            }
+            Err(source) => {
+                ctx.config
+                    .metrics
+                    .reconcile_errors
+                    .get_or_create(&ReasonLabel {
+                        reason: "StatusWriteFailed".into(),
+                    })
+                    .inc();
+                return Err(Error::Status { key, source });
+            }
+        }
+    }
+    for e in &events {
+        ctx.publish_event(&obj, e).await;
+    }
+
+    match resolution {
+        Resolution::Resolved { .. } => {
+            let always = matches!(
+                ModuleLocation::try_from(&obj.spec.module),
+                Ok(ModuleLocation::Image {
+                    always_pull: true,
+                    ..
+                })
+            );
+            Ok(if always {
+                Action::requeue(ctx.config.refresh_interval)
+            } else {
+                Action::await_change()
+            })
+        }
+        Resolution::Failed(f) if f.transient => Err(Error::Transient {
+            key,
+            reason: f.reason,
+            message: f.message,
+        }),
+        // Only an edit of the spec can fix these.
+        Resolution::Failed(f)
+            if f.reason == reason::INVALID_SPEC || f.reason == reason::UNSUPPORTED_SOURCE =>
+        {
+            Ok(Action::await_change())
+        }
+        // A pull secret, a tag or a registry's permissions may be fixed without an edit.
+        Resolution::Failed(_) => Ok(Action::requeue(ctx.retry_after(&key))),
+    }
+}
+
+/// Retries a failed reconcile with per-object exponential backoff.
+pub fn error_policy(obj: Arc<WasmFilter>, err: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.retry_after(&key_of(&obj));
+    tracing::debug!(error = %err, ?delay, "retrying");
+    Action::requeue(delay)
+}
+
+/// ObjectRefs to reconcile when rollouts change; everything when the receiver lagged.
+fn rollout_triggers(
+    rx: broadcast::Receiver<FilterKey>,
+    store: Store<WasmFilter>,
+) -> impl Stream<Item = ObjectRef<WasmFilter>> + Send + 'static {
+    futures_util::stream::unfold((rx, store), |(mut rx, store)| async move {
+        let refs: Vec<ObjectRef<WasmFilter>> = match rx.recv().await {
+            Ok(key) => vec![ObjectRef::new(&key.name).within(&key.namespace)],
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::debug!(missed = n, "rollout notifications lagged; reconciling all");
+                store
+                    .state()
+                    .iter()
+                    .map(|o| ObjectRef::from_obj(&**o))
+                    .collect()
+            }
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((futures_util::stream::iter(refs), (rx, store)))
+    })
+    .flatten()
+}
+
+/// The dataplanes' VM sharing key: empty stays empty (a VM of its own); anything else is
+/// scoped to the namespace, so two namespaces never share a VM.
+pub fn scoped_vm_id(namespace: &str, id: &str) -> String {
+    if id.is_empty() {
+        String::new()
+    } else {
+        format!("{namespace}/{id}")
+    }
+}
+
+/// The registry host (and port) of an image reference: what precedes the first `/` (the
+/// CRD requires an explicit registry).
+fn registry_of(reference: &str) -> &str {
+    reference.split('/').next().unwrap_or(reference)
+}
+
+fn key_of(obj: &WasmFilter) -> FilterKey {
+    FilterKey::new(obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// Now, to the second (what the API server keeps of a metav1.Time).
+fn now() -> Time {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    Time(k8s_openapi::jiff::Timestamp::from_second(now.as_second()).unwrap_or(now))
+}
+
+/// A resolver error as a condition: the reason, and a message that names the field and the fix.
+pub fn resolve_failure(e: &ResolveError, reference: &str, pull_secret: Option<&str>) -> Failure {
+    let registry = registry_of(reference);
+    let (reason, hint, transient) = match e {
+        ResolveError::InvalidReference { .. } => (
+            reason::INVALID_SPEC,
+            "fix module.image: registry/repository:tag or registry/repository@sha256:<hex>".into(),
+            false,
+        ),
+        ResolveError::InvalidPin(_) => (
+            reason::INVALID_SPEC,
+            "fix module.sha256: 64 hex digits".into(),
+            false,
+        ),
+        ResolveError::Connection { .. } => (
+            reason::REGISTRY_UNAVAILABLE,
+            "retrying with backoff; the running version (if any) is kept".into(),
+            true,
+        ),
+        ResolveError::Unauthorized { .. } => (
+            reason::PULL_UNAUTHORIZED,
+            match pull_secret {
+                None => format!(
+                    "set module.pullSecret to a kubernetes.io/dockerconfigjson Secret with \
+                     credentials for {registry}"
+                ),
+                Some(s) => format!(
+                    "check the credentials for {registry} in Secret {s:?} (module.pullSecret)"
+                ),
+            },
+            false,
+        ),
+        ResolveError::NotFound { .. } => (
+            reason::IMAGE_NOT_FOUND,
+            "check module.image, or push the module (wasmfilter-operator push)".into(),
+            false,
+        ),
+        ResolveError::Registry { .. } => (
+            reason::RESOLVE_FAILED,
+            "the registry's answer could not be used".into(),
+            false,
+        ),
+        ResolveError::UnsupportedLayout { .. } => (
+            reason::UNSUPPORTED_LAYOUT,
+            "publish the module as a CNCF Wasm artifact (wasmfilter-operator push)".into(),
+            false,
+        ),
+        ResolveError::TooLarge { .. } => (
+            reason::MODULE_TOO_LARGE,
+            "use a smaller module".into(),
+            false,
+        ),
+        ResolveError::DigestMismatch { .. } => (
+            reason::DIGEST_MISMATCH,
+            format!(
+                "module.sha256 does not match the module {reference} holds: fix module.sha256 or \
+                 the image; nothing was rolled out"
+            ),
+            false,
+        ),
+        ResolveError::ModuleCheck(_) => (
+            reason::INVALID_MODULE,
+            format!("{reference} is not a proxy-wasm module this dataplane can run"),
+            false,
+        ),
+        ResolveError::Cache(_) => (
+            reason::RESOLVE_FAILED,
+            "the operator's module cache failed; retrying".into(),
+            true,
+        ),
+    };
+    Failure {
+        reason,
+        message: format!("{e}; {hint}"),
+        transient,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_ids_are_scoped_to_the_namespace() {
+        assert_eq!(scoped_vm_id("team-a", ""), "");
+        assert_eq!(scoped_vm_id("team-a", "shared"), "team-a/shared");
+    }
+
+    #[test]
+    fn resolver_errors_become_reasons_that_name_the_fix() {
+        let f = resolve_failure(
+            &ResolveError::Connection {
+                registry: "r.test:5000".into(),
+                detail: "connection refused".into(),
+            },
+            "r.test:5000/f:v1",
+            None,
+        );
+        assert_eq!((f.reason, f.transient), ("RegistryUnavailable", true));
+        let f = resolve_failure(
+            &ResolveError::Unauthorized {
+                registry: "r.test:5000".into(),
+                detail: "401".into(),
+            },
+            "r.test:5000/f:v1",
+            None,
+        );
+        assert_eq!((f.reason, f.transient), ("PullUnauthorized", false));
+        assert!(f.message.contains("set module.pullSecret"), "{}", f.message);
+        let f = resolve_failure(
+            &ResolveError::DigestMismatch {
+                expected: "sha256:aa".into(),
+                actual: "sha256:bb".into(),
+            },
+            "r.test:5000/f:v1",
+            None,
+        );
+        assert_eq!(f.reason, "DigestMismatch");
+        assert!(f.message.contains("fix module.sha256"), "{}", f.message);
+        assert_eq!(registry_of("r.test:5000/a/b:v1"), "r.test:5000");
+    }
+}
