@@ -1,0 +1,501 @@
+//! Harness of the end-to-end tests: a real kube-apiserver (with embedded etcd) started from
+//! the binary `e2e/cluster/build.sh` caches, and the kubectl and Helm built from pinned Go
+//! modules next to it. See e2e/README.md.
+//!
+//! ```no_run
+//! let Some(cluster) = wasmfilter_e2e::Cluster::shared() else { return }; // tools missing, not CI
+//! cluster.kubectl(&["get", "namespaces"]).ok();
+//! cluster.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n").ok();
+//! ```
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Environment variables naming the binaries; `cargo xtask ci` sets them after building.
+pub const CLUSTER_ENV: &str = "WASMFILTER_E2E_CLUSTER";
+pub const KUBECTL_ENV: &str = "WASMFILTER_E2E_KUBECTL";
+pub const HELM_ENV: &str = "WASMFILTER_E2E_HELM";
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ has a parent")
+        .to_path_buf()
+}
+
+/// True when running under CI (`CI=true`, as .ci/run is run): missing tools fail the tests
+/// there instead of skipping them.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The external binaries the suite runs.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// e2e/cluster: kube-apiserver with embedded etcd.
+    pub cluster: PathBuf,
+    /// kubectl of the same Kubernetes version, built with the cluster.
+    pub kubectl: PathBuf,
+    /// Helm, built from e2e/helm.
+    pub helm: PathBuf,
+}
+
+impl Tools {
+    /// Finds the binaries: the paths in `WASMFILTER_E2E_{CLUSTER,KUBECTL,HELM}`, or else where
+    /// the build scripts put them for the versions pinned in e2e/cluster/go.mod and
+    /// e2e/helm/go.mod. An error lists what is missing and how to build it.
+    pub fn find() -> anyhow::Result<Tools> {
+        let cache = match std::env::var_os("WASMFILTER_CACHE") {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/wasmfilter"),
+        }
+        .join("e2e");
+        let root = repo_root();
+        let kube = pinned_version(&root.join("e2e/cluster/go.mod"), "k8s.io/kubernetes")?;
+        let helm = pinned_version(&root.join("e2e/helm/go.mod"), "helm.sh/helm/v3")?;
+        let pick =
+            |var: &str, default: PathBuf| std::env::var_os(var).map_or(default, PathBuf::from);
+        let tools = Tools {
+            cluster: pick(CLUSTER_ENV, cache.join(format!("cluster-{kube}"))),
+            kubectl: pick(KUBECTL_ENV, cache.join(format!("kubectl-{kube}"))),
+            helm: pick(HELM_ENV, cache.join(format!("helm-{helm}/helm"))),
+        };
+        let missing: Vec<String> = [
+            (CLUSTER_ENV, &tools.cluster),
+            (KUBECTL_ENV, &tools.kubectl),
+            (HELM_ENV, &tools.helm),
+        ]
+        .iter()
+        .filter(|(_, path)| !path.is_file())
+        .map(|(var, path)| format!("  {var}: {} does not exist", path.display()))
+        .collect();
+        if !missing.is_empty() {
+            bail!(
+                "the e2e binaries are not built:\n{}\nbuild them once (cached under {}; the API server takes ~7 min cold):\n  e2e/cluster/build.sh && e2e/helm/build.sh\nor run everything with `cargo xtask ci`",
+                missing.join("\n"),
+                cache.display()
+            );
+        }
+        Ok(tools)
+    }
+
+    /// [`Tools::find`], or, outside CI, `None` after printing why the test does nothing. In CI
+    /// (`CI=true`) a missing binary panics: the suite must not pass without running.
+    pub fn or_skip() -> Option<Tools> {
+        match Tools::find() {
+            Ok(tools) => Some(tools),
+            Err(e) if in_ci() => panic!("CI=true and {e:#}"),
+            Err(e) => {
+                eprintln!("SKIPPED (not in CI): {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Runs Helm without a cluster (lint, template), with its own config and cache homes.
+    pub fn helm(&self, home: &Path, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&self.helm);
+        helm_env(&mut cmd, home);
+        cmd.args(args);
+        Output::run(cmd, None)
+    }
+}
+
+fn helm_env(cmd: &mut Command, home: &Path) {
+    cmd.env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"));
+}
+
+/// The version `module` is required at in a go.mod.
+fn pinned_version(go_mod: &Path, module: &str) -> anyhow::Result<String> {
+    let text =
+        fs::read_to_string(go_mod).with_context(|| format!("reading {}", go_mod.display()))?;
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let first = words.next()?;
+            let (name, version) = if first == "require" {
+                (words.next()?, words.next()?)
+            } else {
+                (first, words.next()?)
+            };
+            (name == module && version.starts_with('v')).then(|| version.to_string())
+        })
+        .next()
+        .with_context(|| format!("{} does not require {module}", go_mod.display()))
+}
+
+/// What a command did: its exit status and output, and how to say which command it was.
+#[derive(Debug)]
+pub struct Output {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    fn run(mut cmd: Command, stdin: Option<&str>) -> Output {
+        let command = format!(
+            "{} {}",
+            Path::new(cmd.get_program())
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy(),
+            cmd.get_args()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting `{command}`: {e}"));
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin is piped");
+            pipe.write_all(input.as_bytes())
+                .unwrap_or_else(|e| panic!("writing to `{command}`: {e}"));
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("running `{command}`: {e}"));
+        Output {
+            command,
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Panics, showing the command and everything it printed, unless it succeeded.
+    #[track_caller]
+    pub fn ok(self) -> Output {
+        assert!(self.success(), "expected success:\n{self}");
+        self
+    }
+
+    /// Panics, showing the command and everything it printed, unless it failed.
+    #[track_caller]
+    pub fn failed(self) -> Output {
+        assert!(!self.success(), "expected a failure:\n{self}");
+        self
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "$ {}\n({})\n--- stdout\n{}\n--- stderr\n{}",
+            self.command, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// A kube-apiserver with embedded etcd on a free loopback port, in a temporary directory
+/// (certificates, etcd data, `kubeconfig`, the server's log `cluster.log`).
+///
+/// The server runs under a small `sh` guard that stops it and removes the directory when the
+/// test process goes away, even if this value is never dropped (as in a `static`). Set
+/// `WASMFILTER_E2E_KEEP=1` to keep the directory.
+pub struct Cluster {
+    pub tools: Tools,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    server: String,
+    guard: Mutex<Option<(Child, ChildStdin)>>,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("server", &self.server)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops the server when stdin reaches end of file (the test process exited or dropped the
+/// Cluster), or exits when the server does; then removes the state directory.
+const GUARD: &str = r#"
+bin=$0 dir=$1 keep=$2
+exec 3<&0 0</dev/null
+"$bin" -dir "$dir" >>"$dir/cluster.log" 2>&1 &
+pid=$!
+( read -r _ <&3; kill -TERM "$pid" 2>/dev/null ) &
+watcher=$!
+exec 3<&-
+wait "$pid"
+status=$?
+kill "$watcher" 2>/dev/null
+[ "$keep" = 1 ] || rm -rf "$dir"
+exit "$status"
+"#;
+
+/// How long the API server may take to answer /readyz (it takes ~3-4 s on 2 cores).
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+impl Cluster {
+    /// Starts an API server and waits until it is ready.
+    pub fn start(tools: &Tools) -> anyhow::Result<Cluster> {
+        let started = Instant::now();
+        let dir = tempfile::Builder::new()
+            .prefix("wasmfilter-e2e-")
+            .tempdir()
+            .context("creating the cluster's directory")?
+            .keep();
+        let keep = if std::env::var("WASMFILTER_E2E_KEEP").is_ok_and(|v| v == "1") {
+            "1"
+        } else {
+            "0"
+        };
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(GUARD)
+            .arg(&tools.cluster)
+            .arg(&dir)
+            .arg(keep)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", tools.cluster.display()))?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let ready = dir.join("ready");
+        let log = dir.join("cluster.log");
+        loop {
+            if let Ok(server) = fs::read_to_string(&ready) {
+                let cluster = Cluster {
+                    tools: tools.clone(),
+                    kubeconfig: dir.join("kubeconfig"),
+                    dir,
+                    server: server.trim().to_string(),
+                    guard: Mutex::new(Some((child, stdin))),
+                };
+                eprintln!(
+                    "e2e: API server {} ready after {:.1}s (state in {})",
+                    cluster.server,
+                    started.elapsed().as_secs_f64(),
+                    cluster.dir.display()
+                );
+                return Ok(cluster);
+            }
+            let exited = child.try_wait()?;
+            if exited.is_some() || started.elapsed() > READY_TIMEOUT {
+                let output = fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = output.lines().rev().take(40).collect();
+                drop(stdin);
+                let _ = child.wait();
+                bail!(
+                    "the API server {} ({:?} after {:.0}s); the end of its log:\n{}",
+                    if exited.is_some() {
+                        "exited"
+                    } else {
+                        "did not become ready"
+                    },
+                    exited,
+                    started.elapsed().as_secs_f64(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One API server shared by every test of a test binary, started on first use. `None`
+    /// when the binaries are missing outside CI (see [`Tools::or_skip`]); a failure to start
+    /// panics in every test that asks for it.
+    pub fn shared() -> Option<&'static Cluster> {
+        static SHARED: OnceLock<Result<Option<Cluster>, String>> = OnceLock::new();
+        let shared = SHARED.get_or_init(|| match Tools::or_skip() {
+            None => Ok(None),
+            Some(tools) => Cluster::start(&tools)
+                .map(Some)
+                .map_err(|e| format!("{e:#}")),
+        });
+        match shared {
+            Ok(cluster) => cluster.as_ref(),
+            Err(e) => panic!("starting the e2e API server: {e}"),
+        }
+    }
+
+    /// The admin kubeconfig (user `e2e-admin`, group `system:masters`).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The API server's URL, `https://127.0.0.1:PORT`.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The cluster's state directory; tests may keep files of their own there.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A kubectl command with the admin kubeconfig and a discovery cache in the state
+    /// directory, to add arguments to.
+    pub fn kubectl_command(&self) -> Command {
+        let mut cmd = Command::new(&self.tools.kubectl);
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECACHEDIR", self.dir.join("kubectl-cache"));
+        cmd
+    }
+
+    /// Runs kubectl as the admin.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let mut cmd = self.kubectl_command();
+        cmd.args(args);
+        Output::run(cmd, None)
+    }
+
+    /// Runs kubectl as the admin with `input` on its standard input.
+    pub fn kubectl_with_input(&self, args: &[&str], input: &str) -> Output {
+        let mut cmd = self.kubectl_command();
+        cmd.args(args);
+        Output::run(cmd, Some(input))
+    }
+
+    /// `kubectl apply --server-side` of YAML or JSON documents (any namespace they name).
+    pub fn apply_yaml(&self, yaml: &str) -> Output {
+        self.kubectl_with_input(
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=wasmfilter-e2e",
+                "-f",
+                "-",
+            ],
+            yaml,
+        )
+    }
+
+    /// Runs Helm against this cluster, with its own config, cache and data directories.
+    pub fn helm(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&self.tools.helm);
+        helm_env(&mut cmd, &self.dir.join("helm"));
+        cmd.env("KUBECONFIG", &self.kubeconfig).args(args);
+        Output::run(cmd, None)
+    }
+
+    /// Asks the API server's authorizer (`kubectl auth can-i`, a SubjectAccessReview) whether
+    /// `user` may do `verb` on `resource` (e.g. `wasmfilters.wasmfilter.dev`,
+    /// `leases.coordination.k8s.io/NAME`) in `namespace` (`None`: all namespaces), optionally
+    /// on a `subresource`.
+    pub fn can_i(
+        &self,
+        user: &str,
+        verb: &str,
+        resource: &str,
+        subresource: Option<&str>,
+        namespace: Option<&str>,
+    ) -> bool {
+        let mut args = vec!["auth", "can-i", verb, resource, "--as", user];
+        if let Some(sub) = subresource {
+            args.extend(["--subresource", sub]);
+        }
+        match namespace {
+            Some(ns) => args.extend(["--namespace", ns]),
+            None => args.push("--all-namespaces"),
+        }
+        let out = self.kubectl(&args);
+        match out.stdout.trim() {
+            "yes" => true,
+            "no" => false,
+            _ => panic!("unexpected answer from can-i:\n{out}"),
+        }
+    }
+
+    /// A kubeconfig that authenticates as a ServiceAccount with a token from the TokenRequest
+    /// API (`kubectl create token`, valid for an hour), to run a component with exactly the
+    /// permissions its pod would have.
+    pub fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let out = self.kubectl(&[
+            "create",
+            "token",
+            name,
+            "--namespace",
+            namespace,
+            "--duration=1h",
+        ]);
+        if !out.success() {
+            bail!("requesting a token for {namespace}/{name}:\n{out}");
+        }
+        let path = self.dir.join(format!("kubeconfig-{namespace}-{name}"));
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "e2e", "cluster": {
+                "server": self.server,
+                "certificate-authority": self.dir.join("ca.crt"),
+            }}],
+            "users": [{"name": name, "user": {"token": out.stdout.trim()}}],
+            "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": name, "namespace": namespace}}],
+            "current-context": "e2e",
+        });
+        fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+        Ok(path)
+    }
+
+    /// Stops the server and removes its directory (also done when the process exits).
+    pub fn stop(&self) {
+        let Some((mut child, stdin)) = self.guard.lock().unwrap().take() else {
+            return;
+        };
+        drop(stdin);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Parses a stream of YAML documents (as `helm template` prints) into JSON values, skipping
+/// empty documents.
+pub fn yaml_documents(text: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let value = serde_json::Value::deserialize(doc).context("parsing a YAML document")?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
