@@ -1,4 +1,5 @@
-//! `wasmfilter-operator`: today only the `push` command.
+//! `wasmfilter-operator`: `run` (the operator: controller, gRPC control plane, admin
+//! endpoints, leader election) and `push` (publish a module to a registry).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the operator: reconcile WasmFilters and serve dataplanes (see operator/README.md).
+    Run(Box<wasmfilter_operator::run::RunArgs>),
     /// Publish a .wasm module as a CNCF Wasm OCI artifact (config
     /// application/vnd.wasm.config.v0+json, one application/wasm layer).
     Push {
@@ -41,13 +44,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The operator logs what it does (info); the push command only what goes wrong.
+    let default_filter = match cli.command {
+        Command::Run(_) => "info",
+        Command::Push { .. } => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -62,6 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
+        Command::Run(args) => rt.block_on(serve(*args)),
         Command::Push {
             file,
             reference,
@@ -95,4 +105,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs the operator until SIGTERM or SIGINT (graceful stop) or the loss of the Lease (error).
+async fn serve(args: wasmfilter_operator::run::RunArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let operator = wasmfilter_operator::run::Operator::start(args).await?;
+    tracing::info!(admin = %operator.admin_addr(), "operator started");
+    let stop = async {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    let stopper = operator.stopper();
+    let mut wait = std::pin::pin!(operator.wait());
+    tokio::select! {
+        result = &mut wait => return result,
+        _ = stop => tracing::info!("stopping"),
+    }
+    stopper.stop();
+    wait.await
 }
