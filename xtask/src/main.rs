@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: builds the example filter from source and runs the dataplane standalone
 //! in front of its built-in echo upstream (examples/standalone.yaml).
-//! `cargo xtask ci`: every check CI runs (format, lints, all tests).
+//! `cargo xtask ci`: every check CI runs (format, lints, all tests, with the e2e suite's API
+//! server, kubectl and Helm built first).
 
 use std::process::Command;
 
@@ -85,8 +86,51 @@ fn ci() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(Command::new(&cargo).args(["test", "--workspace"]))?;
+    // The e2e suite's real API server, kubectl and Helm, built from pinned Go modules and
+    // cached by version (the scripts return at once when cached); the tests fail without them
+    // when CI=true.
+    let e2e = e2e_tools()?;
+    run(Command::new(&cargo)
+        .args(["test", "--workspace"])
+        .envs(e2e.iter().map(|(k, v)| (*k, v))))?;
     Ok(())
+}
+
+/// Runs e2e/cluster/build.sh and e2e/helm/build.sh; returns the environment that points the
+/// e2e tests at what they built.
+fn e2e_tools() -> anyhow::Result<Vec<(&'static str, std::path::PathBuf)>> {
+    let root = wasmfilter_testkit::repo_root();
+    let build = |script: &str| -> anyhow::Result<std::path::PathBuf> {
+        let started = std::time::Instant::now();
+        let mut cmd = Command::new("sh");
+        cmd.arg(root.join(script))
+            .stderr(std::process::Stdio::inherit());
+        println!("$ {cmd:?}");
+        let out = cmd.output().with_context(|| format!("starting {script}"))?;
+        if !out.status.success() {
+            bail!("{script} failed with {}", out.status);
+        }
+        let stdout = String::from_utf8(out.stdout)?;
+        let path = stdout
+            .lines()
+            .last()
+            .with_context(|| format!("{script} printed no path"))?;
+        println!("{path} ({:.1}s)", started.elapsed().as_secs_f64());
+        Ok(path.into())
+    };
+    let cluster = build("e2e/cluster/build.sh")?;
+    // build.sh puts kubectl-<version> beside cluster-<version>.
+    let name = cluster.file_name().unwrap_or_default().to_string_lossy();
+    let version = name
+        .strip_prefix("cluster-")
+        .with_context(|| format!("unexpected cluster binary name {name}"))?;
+    let kubectl = cluster.with_file_name(format!("kubectl-{version}"));
+    let helm = build("e2e/helm/build.sh")?;
+    Ok(vec![
+        ("WASMFILTER_E2E_CLUSTER", cluster),
+        ("WASMFILTER_E2E_KUBECTL", kubectl),
+        ("WASMFILTER_E2E_HELM", helm),
+    ])
 }
 
 /// Builds the release dataplane and the benchmark runner, then runs every scenario.
