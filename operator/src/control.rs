@@ -125,7 +125,10 @@ impl ControlPlane {
     /// Registers a dataplane's stream; returns its session number for [`disconnect`](Self::disconnect).
     pub fn connect(&self, id: &str, labels: BTreeMap<String, String>) -> u64 {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
-        self.sessions.lock().unwrap().insert(id.to_string(), session);
+        self.sessions
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), session);
         let affected = {
             let mut index = self.index.write().unwrap();
             index.connect(id, labels.clone());

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use wasmfilter_api::{FailurePolicy, FilterLimits, LabelSelector, Phase, RequestMatch, chain_order};
+use wasmfilter_api::{
+    FailurePolicy, FilterLimits, LabelSelector, Phase, RequestMatch, chain_order,
+};
 
 /// A WasmFilter's identity: `namespace/name`, which is also its name on the dataplanes.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,7 +82,13 @@ impl FilterVersion {
                 field(item.as_bytes());
             }
         }
-        field(format!("{:?}/{}/{:?}", self.phase, self.priority, self.failure_policy).as_bytes());
+        field(
+            format!(
+                "{:?}/{}/{:?}",
+                self.phase, self.priority, self.failure_policy
+            )
+            .as_bytes(),
+        );
         field(&self.limits.memory_bytes.to_le_bytes());
         field(&(self.limits.callback_timeout.as_millis() as u64).to_le_bytes());
         hex::encode(&h.finalize()[..8])
@@ -164,7 +172,10 @@ impl Index {
 
     /// The chain a dataplane with `labels` runs, in chain order (phase, priority, then
     /// `namespace/name`).
-    pub fn chain_for(&self, labels: &BTreeMap<String, String>) -> Vec<(Arc<FilterVersion>, String)> {
+    pub fn chain_for(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Vec<(Arc<FilterVersion>, String)> {
         let mut chain: Vec<_> = self
             .filters
             .iter()
@@ -336,10 +347,7 @@ mod tests {
     #[test]
     fn each_dataplane_gets_the_filters_its_labels_select_in_chain_order() {
         let mut index = Index::default();
-        index.publish(
-            selector(&[]),
-            version("team-a", "stats", Phase::Stats, 0),
-        );
+        index.publish(selector(&[]), version("team-a", "stats", Phase::Stats, 0));
         index.publish(
             selector(&[("gateway", "public")]),
             version("team-a", "auth", Phase::Authn, 0),
@@ -351,21 +359,26 @@ mod tests {
         index.publish(
             LabelSelector {
                 match_labels: BTreeMap::new(),
-                match_expressions: vec![LabelRequirement::In(
-                    "zone".into(),
-                    vec!["a".into()],
-                )],
+                match_expressions: vec![LabelRequirement::In("zone".into(), vec!["a".into()])],
             },
             version("team-b", "zone-a", Phase::Default, 0),
         );
         let public_a = index.chain_for(&labels(&[("gateway", "public"), ("zone", "a")]));
         assert_eq!(
             names(&public_a),
-            ["team-b/rate", "team-a/auth", "team-a/stats", "team-b/zone-a"]
+            [
+                "team-b/rate",
+                "team-a/auth",
+                "team-a/stats",
+                "team-b/zone-a"
+            ]
         );
         let internal = index.chain_for(&labels(&[("gateway", "internal")]));
         assert_eq!(names(&internal), ["team-a/stats"]);
-        assert!(index.chain_for(&labels(&[])).len() == 1, "empty selector selects everyone");
+        assert!(
+            index.chain_for(&labels(&[])).len() == 1,
+            "empty selector selects everyone"
+        );
     }
 
     #[test]
@@ -389,7 +402,10 @@ mod tests {
         assert!(index.publish(selector(&[]), config_changed));
         let rev2 = index.published(&v.key).unwrap().revision.clone();
         assert_ne!(rev, rev2, "a config change is a new revision");
-        assert!(index.publish(selector(&[("x", "y")]), version("ns", "f", Phase::Default, 0)));
+        assert!(index.publish(
+            selector(&[("x", "y")]),
+            version("ns", "f", Phase::Default, 0)
+        ));
         assert!(index.withdraw(&v.key));
         assert!(!index.withdraw(&v.key));
         assert!(index.chain_for(&labels(&[("x", "y")])).is_empty());
@@ -419,7 +435,11 @@ mod tests {
         assert_eq!(changed, ["ns/auth".to_string()].into());
         let refused = [(
             "ns/auth".to_string(),
-            (rev.clone(), "proxy_on_configure returned false".to_string(), None),
+            (
+                rev.clone(),
+                "proxy_on_configure returned false".to_string(),
+                None,
+            ),
         )]
         .into();
         index.acknowledge("node-b", &sent, &refused);
@@ -433,7 +453,11 @@ mod tests {
             )]
         );
         // The same Ack again changes nothing (no status write, no Event).
-        assert!(index.acknowledge("node-a", &sent, &BTreeMap::new()).is_empty());
+        assert!(
+            index
+                .acknowledge("node-a", &sent, &BTreeMap::new())
+                .is_empty()
+        );
         // A dataplane that leaves is no longer counted.
         index.disconnect("node-b");
         let r = index.rollout(&key);
@@ -489,11 +513,7 @@ mod tests {
             index.acknowledge(
                 &id,
                 &[("ns/f".to_string(), rev.clone())].into(),
-                &[(
-                    "ns/f".to_string(),
-                    (rev.clone(), "no".to_string(), None),
-                )]
-                .into(),
+                &[("ns/f".to_string(), (rev.clone(), "no".to_string(), None))].into(),
             );
         }
         let r = index.rollout(&key);

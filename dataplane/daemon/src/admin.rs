@@ -17,6 +17,16 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let (status, content_type, body) = match req.uri().path() {
         "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
+        "/ready"
+            if state.link.managed.load(Ordering::SeqCst)
+                && !state.link.synced.load(Ordering::SeqCst) =>
+        {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: waiting for the first snapshot from the operator\n".to_string(),
+            )
+        }
         "/ready" if state.ready.load(Ordering::SeqCst) => {
             (StatusCode::OK, "text/plain", "ready\n".to_string())
         }
@@ -60,6 +70,7 @@ fn config_dump(state: &State) -> String {
                 "rootId": f.spec.root_id,
                 "vmId": f.vm_id,
                 "failurePolicy": format!("{:?}", f.failure_policy),
+                "revision": f.revision(),
             })
         })
         .collect();
@@ -74,6 +85,11 @@ fn config_dump(state: &State) -> String {
         "filters": filters,
         "routes": routes,
         "clusters": active.clusters.keys().collect::<Vec<_>>(),
+        "operator": state.link.managed.load(Ordering::SeqCst).then(|| serde_json::json!({
+            "connected": state.link.connected.load(Ordering::SeqCst),
+            "synced": state.link.synced.load(Ordering::SeqCst),
+            "appliedVersion": state.link.applied_version.load(Ordering::SeqCst),
+        })),
     }))
     .unwrap_or_default();
     text.push('\n');

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmfilter_api::{FailurePolicy, RequestMatch, chain_order};
+use wasmfilter_api::control;
+use wasmfilter_api::{FailurePolicy, Phase, RequestMatch, chain_order};
 use wasmfilter_host::{
     CallbackError, Embedder, Host, LogLevel, MetricsRegistry, PluginModule, PluginSpec,
     PropertyValue, Vm, VmOptions,
@@ -27,6 +28,8 @@ pub struct LoadedFilter {
     pub module: Arc<PluginModule>,
     pub spec: PluginSpec,
     pub matches: RequestMatch,
+    pub phase: Phase,
+    pub priority: i32,
     pub failure_policy: FailurePolicy,
     pub vm_id: String,
     pub memory_limit: usize,
@@ -36,6 +39,74 @@ pub struct LoadedFilter {
     /// Which configuration version introduced this filter as it is now.
     pub version: u64,
     pub metrics: crate::metrics::FilterMetrics,
+    /// Managed filters: the operator's revision and the definition it came in (persisted
+    /// with the last applied snapshot). None for filters from the configuration file.
+    pub managed: Option<(String, control::Filter)>,
+}
+
+/// A filter's definition, wherever it comes from (the configuration file or a snapshot).
+pub struct FilterDef {
+    pub name: String,
+    pub root_id: String,
+    pub configuration: Vec<u8>,
+    pub vm_id: String,
+    pub vm_configuration: Vec<u8>,
+    pub env: Vec<(String, String)>,
+    pub matches: RequestMatch,
+    pub phase: Phase,
+    pub priority: i32,
+    pub failure_policy: FailurePolicy,
+    pub memory_limit: usize,
+    pub callback_timeout: Duration,
+    pub log_level: LogLevel,
+    pub managed: Option<(String, control::Filter)>,
+}
+
+impl LoadedFilter {
+    /// Compiles `bytes` (or loads the compiled module from the cache) and starts the filter
+    /// once in a fresh VM, so a module that fails `proxy_on_vm_start` or
+    /// `proxy_on_configure` is refused here and never reaches traffic.
+    pub fn load(
+        host: &Arc<Host>,
+        def: FilterDef,
+        bytes: &[u8],
+        version: u64,
+        metrics: &crate::metrics::Metrics,
+        embedder: Arc<ClusterNames>,
+    ) -> Result<LoadedFilter, String> {
+        let module = host.load(bytes).map_err(|e| e.to_string())?;
+        let filter = LoadedFilter {
+            module,
+            spec: PluginSpec {
+                name: def.name.clone(),
+                root_id: def.root_id,
+                vm_configuration: def.vm_configuration,
+                configuration: def.configuration,
+                metrics: Arc::new(MetricsRegistry::default()),
+            },
+            matches: def.matches,
+            phase: def.phase,
+            priority: def.priority,
+            failure_policy: def.failure_policy,
+            vm_id: def.vm_id,
+            memory_limit: def.memory_limit,
+            callback_timeout: def.callback_timeout,
+            log_level: def.log_level,
+            env: def.env,
+            version,
+            metrics: metrics.for_filter(&def.name),
+            managed: def.managed,
+            name: def.name,
+        };
+        filter
+            .instantiate(host, embedder)
+            .map_err(|e| e.to_string())?;
+        Ok(filter)
+    }
+
+    pub fn revision(&self) -> &str {
+        self.managed.as_ref().map_or("", |(r, _)| r.as_str())
+    }
 }
 
 pub struct ClusterEntry {
@@ -51,8 +122,8 @@ pub struct RouteEntry {
 /// Everything a request needs, as one immutable value.
 pub struct Active {
     pub generation: u64,
-    pub routes: Vec<RouteEntry>,
-    pub clusters: HashMap<String, ClusterEntry>,
+    pub routes: Arc<Vec<RouteEntry>>,
+    pub clusters: Arc<HashMap<String, ClusterEntry>>,
     /// In chain order: phase, priority (higher first), name.
     pub filters: Vec<Arc<LoadedFilter>>,
     pub buffer_limit: usize,
@@ -69,6 +140,17 @@ impl Embedder for ClusterNames {
 }
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// A new configuration version; versions only grow.
+pub fn next_generation() -> u64 {
+    GENERATION.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Phase, then priority (higher first), then name.
+fn in_chain_order(mut filters: Vec<Arc<LoadedFilter>>) -> Vec<Arc<LoadedFilter>> {
+    filters.sort_by_cached_key(|f| chain_order(f.phase, f.priority, &f.name));
+    filters
+}
 
 fn metadata(value: &serde_json::Value) -> Option<PropertyValue> {
     (!value.is_null()).then(|| PropertyValue::from_json(value))
@@ -87,14 +169,16 @@ pub struct FilterLoadError {
 impl Active {
     /// Compiles every filter of `config` (off the request path) and checks that each one
     /// starts: a module that fails `proxy_on_vm_start` or `proxy_on_configure` is refused here,
-    /// so a bad filter never reaches traffic.
+    /// so a bad filter never reaches traffic. `managed` filters (from the operator) join the
+    /// chain as they are.
     pub fn build(
         host: &Arc<Host>,
         config: &Config,
         config_file: &Path,
         metrics: &crate::metrics::Metrics,
+        managed: Vec<Arc<LoadedFilter>>,
     ) -> Result<Active, FilterLoadError> {
-        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let generation = next_generation();
         let embedder = Arc::new(ClusterNames(
             config.clusters.iter().map(|c| c.name.clone()).collect(),
         ));
@@ -132,68 +216,93 @@ impl Active {
                     )));
                 }
             }
-            let module = host
-                .load(&bytes)
-                .map_err(|e| fail(format!("module {source}: {e}")))?;
-            let filter = LoadedFilter {
+            let def = FilterDef {
                 name: f.name.clone(),
-                module,
-                spec: PluginSpec {
-                    name: f.name.clone(),
-                    root_id: f.root_id.clone(),
-                    vm_configuration: config::config_bytes(&f.vm.config),
-                    configuration: config::config_bytes(&f.config),
-                    metrics: Arc::new(MetricsRegistry::default()),
-                },
-                matches: f.matches.clone(),
-                failure_policy: f.failure_policy,
+                root_id: f.root_id.clone(),
+                configuration: config::config_bytes(&f.config),
                 vm_id: f.vm.id.clone(),
-                memory_limit: config::parse_quantity(&f.limits.memory).map_err(fail)?,
-                callback_timeout: f.limits.callback_timeout,
-                log_level: f.log_level.parse().map_err(fail)?,
+                vm_configuration: config::config_bytes(&f.vm.config),
                 env: f
                     .vm
                     .env
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
-                version: generation,
-                metrics: metrics.for_filter(&f.name),
+                matches: f.matches.clone(),
+                phase: f.phase,
+                priority: f.priority,
+                failure_policy: f.failure_policy,
+                memory_limit: config::parse_quantity(&f.limits.memory).map_err(fail)?,
+                callback_timeout: f.limits.callback_timeout,
+                log_level: f.log_level.parse().map_err(fail)?,
+                managed: None,
             };
-            // Start it once now, so configuration errors surface at load time.
-            filter
-                .instantiate(host, embedder.clone())
-                .map_err(|e| fail(e.to_string()))?;
-            filters.push((chain_order(f.phase, f.priority, &f.name), Arc::new(filter)));
+            let filter =
+                LoadedFilter::load(host, def, &bytes, generation, metrics, embedder.clone())
+                    .map_err(|e| fail(format!("module {source}: {e}")))?;
+            filters.push(Arc::new(filter));
         }
-        filters.sort_by(|a, b| a.0.cmp(&b.0));
+        filters.extend(managed);
         Ok(Active {
             generation,
-            routes: config
-                .routes
-                .iter()
-                .map(|r| RouteEntry {
-                    config: r.clone(),
-                    metadata: metadata(&r.metadata),
-                })
-                .collect(),
-            clusters: config
-                .clusters
-                .iter()
-                .map(|c| {
-                    (
-                        c.name.clone(),
-                        ClusterEntry {
-                            config: c.clone(),
-                            metadata: metadata(&c.metadata),
-                        },
-                    )
-                })
-                .collect(),
-            filters: filters.into_iter().map(|(_, f)| f).collect(),
+            routes: Arc::new(
+                config
+                    .routes
+                    .iter()
+                    .map(|r| RouteEntry {
+                        config: r.clone(),
+                        metadata: metadata(&r.metadata),
+                    })
+                    .collect(),
+            ),
+            clusters: Arc::new(
+                config
+                    .clusters
+                    .iter()
+                    .map(|c| {
+                        (
+                            c.name.clone(),
+                            ClusterEntry {
+                                config: c.clone(),
+                                metadata: metadata(&c.metadata),
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+            filters: in_chain_order(filters),
             buffer_limit: config.buffer_limit_bytes,
             embedder,
         })
+    }
+
+    /// The same routes, clusters and file filters with a new set of managed filters, as a
+    /// new generation.
+    pub fn with_managed(&self, managed: Vec<Arc<LoadedFilter>>) -> Active {
+        let mut filters: Vec<_> = self
+            .filters
+            .iter()
+            .filter(|f| f.managed.is_none())
+            .cloned()
+            .collect();
+        filters.extend(managed);
+        Active {
+            generation: next_generation(),
+            routes: self.routes.clone(),
+            clusters: self.clusters.clone(),
+            filters: in_chain_order(filters),
+            buffer_limit: self.buffer_limit,
+            embedder: self.embedder.clone(),
+        }
+    }
+
+    /// The filters that came from the operator.
+    pub fn managed(&self) -> Vec<Arc<LoadedFilter>> {
+        self.filters
+            .iter()
+            .filter(|f| f.managed.is_some())
+            .cloned()
+            .collect()
     }
 
     /// The first route whose match (and header conditions) accept the request.

@@ -41,6 +41,67 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
     #[serde(default)]
     pub filters: Vec<Filter>,
+    /// Managed mode: take filters from the operator as well (after the ones listed here).
+    #[serde(default)]
+    pub operator: Option<OperatorLink>,
+}
+
+/// How a managed dataplane reaches the operator and who it is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperatorLink {
+    /// `https://host:port` (mTLS, the default) or `http://host:port` (plain text, only with
+    /// `insecure: true`).
+    pub address: String,
+    /// This dataplane's unique id (usually the node name). Empty: the environment variable
+    /// `WASMFILTER_DATAPLANE_ID`, else the host name.
+    #[serde(default)]
+    pub id: String,
+    /// The labels WasmFilter selectors match against.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Where the last applied snapshot and its modules are kept (relative to the
+    /// configuration file), so a restart serves the
+    /// last good chain before the operator answers.
+    pub state_dir: PathBuf,
+    /// Client certificate and the CA the operator's certificate must chain to (PEM files,
+    /// relative to the configuration file).
+    #[serde(default)]
+    pub tls: Option<OperatorTls>,
+    /// Allow a plain-text `http://` address: every filter and module then travels
+    /// unauthenticated, so this must be said explicitly.
+    #[serde(default)]
+    pub insecure: bool,
+    /// How often per-filter stats are reported.
+    #[serde(default = "default_stats_interval", with = "duration")]
+    pub stats_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperatorTls {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl OperatorLink {
+    /// The id to announce: `id`, else `WASMFILTER_DATAPLANE_ID`, else the host name.
+    pub fn dataplane_id(&self) -> String {
+        if !self.id.is_empty() {
+            return self.id.clone();
+        }
+        if let Ok(id) = std::env::var("WASMFILTER_DATAPLANE_ID")
+            && !id.is_empty()
+        {
+            return id;
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "dataplane".into())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +250,9 @@ fn default_memory() -> String {
 }
 fn default_callback_timeout() -> Duration {
     Duration::from_millis(100)
+}
+fn default_stats_interval() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_log_level() -> String {
     "info".into()
@@ -382,6 +446,53 @@ impl Config {
             f.log_level
                 .parse::<wasmfilter_host::LogLevel>()
                 .map_err(|m| err(field("logLevel"), m))?;
+        }
+        if let Some(op) = &self.operator {
+            let plain = op.address.starts_with("http://");
+            if !plain && !op.address.starts_with("https://") {
+                return Err(err(
+                    "operator.address".into(),
+                    format!(
+                        "{:?} must start with https:// (or http:// together with insecure: true), like https://wasmfilter-operator.wasmfilter-system.svc:7070",
+                        op.address
+                    ),
+                ));
+            }
+            match (plain, op.insecure, &op.tls) {
+                (true, false, _) => {
+                    return Err(err(
+                        "operator.insecure".into(),
+                        "operator.address is plain http://: set insecure: true to allow unauthenticated plain text, or use https:// with operator.tls".into(),
+                    ));
+                }
+                (true, true, Some(_)) => {
+                    return Err(err(
+                        "operator.tls".into(),
+                        "tls is set but the address is http://; use https://".into(),
+                    ));
+                }
+                (false, _, None) => {
+                    return Err(err(
+                        "operator.tls".into(),
+                        "an https:// operator needs tls: {caFile, certFile, keyFile} (the chart mounts them from its Secret)".into(),
+                    ));
+                }
+                _ => {}
+            }
+            for (k, v) in &op.labels {
+                if k.is_empty() || k.len() > 317 || v.len() > 63 {
+                    return Err(err(
+                        format!("operator.labels.{k}"),
+                        "label keys are 1 to 317 characters (prefix/name), values at most 63, as in Kubernetes".into(),
+                    ));
+                }
+            }
+            if op.stats_interval < Duration::from_secs(1) {
+                return Err(err(
+                    "operator.statsInterval".into(),
+                    "must be at least 1s".into(),
+                ));
+            }
         }
         Ok(())
     }

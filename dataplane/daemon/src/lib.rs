@@ -2,13 +2,15 @@
 //! proxy-wasm filters in front of its router.
 //!
 //! Threads: N workers, each with its own single-threaded event loop accepting on the shared
-//! listener, so a stream and its filters' VMs stay on one thread; one admin thread; the
-//! caller's thread handles signals (SIGHUP reloads, SIGTERM drains).
+//! listener, so a stream and its filters' VMs stay on one thread; one admin thread; in managed
+//! mode one thread holding the operator stream ([`managed`]); the caller's thread handles
+//! signals (SIGHUP reloads, SIGTERM drains).
 
 pub mod admin;
 pub mod body;
 pub mod chain;
 pub mod config;
+pub mod managed;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
@@ -64,7 +66,24 @@ impl Dataplane {
             ..Default::default()
         })?;
         let metrics = metrics::Metrics::default();
-        let active = Active::build(&host, &config, config_file, &metrics)?;
+        let mut active = Active::build(&host, &config, config_file, &metrics, Vec::new())?;
+        // Managed mode: the last applied snapshot serves until the operator answers.
+        let state_dir = match &config.operator {
+            Some(link) => {
+                let path = Config::module_path(config_file, &link.state_dir);
+                let dir = managed::StateDir::open(&path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: operator.stateDir: {}: {e}",
+                        config_file.display(),
+                        path.display()
+                    )
+                })?;
+                let restored = managed::restore(&dir, &host, &metrics, active.embedder.clone());
+                active = active.with_managed(restored);
+                Some(dir)
+            }
+            None => None,
+        };
         let mut listeners = Vec::new();
         for (i, l) in config.all_listeners().iter().enumerate() {
             let tls = match &l.tls {
@@ -108,6 +127,8 @@ impl Dataplane {
             ready: AtomicBool::new(false),
             config_file: config_file.to_path_buf(),
             drain_timeout: config.drain_timeout,
+            swap: Default::default(),
+            link: Default::default(),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let workers_n = if config.workers == 0 {
@@ -140,6 +161,17 @@ impl Dataplane {
                     .spawn(move || run_worker(vec![(admin, Role::Admin)], state, stop))?,
             );
         }
+        if let (Some(link), Some(dir)) = (&config.operator, state_dir) {
+            state.link.managed.store(true, Ordering::SeqCst);
+            state.link.synced.store(dir.has_saved(), Ordering::SeqCst);
+            workers.push(managed::spawn(
+                link.clone(),
+                config_file.to_path_buf(),
+                dir,
+                state.clone(),
+                stop.clone(),
+            )?);
+        }
         state.ready.store(true, Ordering::SeqCst);
         tracing::info!(proxy_addr = ?proxy_addrs, %admin_addr, filters = state.active.load().filters.len(), "dataplane ready");
         Ok(Dataplane {
@@ -157,7 +189,15 @@ impl Dataplane {
     pub fn reload(&self) -> anyhow::Result<()> {
         let file = &self.state.config_file;
         let config = Config::load(file)?;
-        let active = Active::build(&self.state.host, &config, file, &self.state.metrics)?;
+        let _swap = self.state.swap.lock();
+        let managed = self.state.active.load().managed();
+        let active = Active::build(
+            &self.state.host,
+            &config,
+            file,
+            &self.state.metrics,
+            managed,
+        )?;
         self.state.active.store(Arc::new(active));
         tracing::info!(
             generation = self.state.active.load().generation,

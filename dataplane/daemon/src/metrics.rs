@@ -2,6 +2,8 @@
 //! on the admin listener's `/metrics`.
 
 use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -9,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use wasmfilter_api::control;
 use wasmfilter_host::MetricType;
 
 use crate::chain::Active;
@@ -46,6 +49,21 @@ pub struct Metrics {
     fail_closed: Family<FilterLabels, Counter>,
     vm_restarts: Family<FilterLabels, Counter>,
     vm_memory: Family<FilterLabels, Gauge>,
+    /// Callback latency per filter again, readable for the stats reported to the operator
+    /// (prometheus-client histograms cannot be read back).
+    latency: parking_lot::Mutex<std::collections::HashMap<String, Arc<LatencyTotals>>>,
+}
+
+/// Upper bounds (seconds) of the latency buckets reported to the operator.
+pub const REPORTED_LATENCY_BOUNDS: [f64; 8] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0];
+
+#[derive(Default)]
+pub struct LatencyTotals {
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+    /// Non-cumulative counts per bound of [`REPORTED_LATENCY_BOUNDS`].
+    buckets: [AtomicU64; REPORTED_LATENCY_BOUNDS.len()],
 }
 
 impl Default for Metrics {
@@ -62,6 +80,7 @@ impl Default for Metrics {
             fail_closed: Family::default(),
             vm_restarts: Family::default(),
             vm_memory: Family::default(),
+            latency: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -135,12 +154,48 @@ pub struct FilterMetrics {
     fail_closed: Counter,
     vm_restarts: Counter,
     vm_memory: Gauge,
+    latency: Arc<LatencyTotals>,
 }
 
 impl FilterMetrics {
     pub fn callback(&self, seconds: f64) {
         self.invocations.inc();
         self.callback_duration.observe(seconds);
+        let l = &self.latency;
+        l.count.fetch_add(1, Ordering::Relaxed);
+        l.sum_ns
+            .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+        if let Some(i) = REPORTED_LATENCY_BOUNDS.iter().position(|b| seconds <= *b) {
+            l.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// This filter's totals since the dataplane started, as reported to the operator.
+    pub fn report(&self, name: &str, revision: &str) -> control::FilterStats {
+        let l = &self.latency;
+        let mut cumulative = 0;
+        let latency_buckets = l
+            .buckets
+            .iter()
+            .map(|b| {
+                cumulative += b.load(Ordering::Relaxed);
+                cumulative
+            })
+            .collect();
+        control::FilterStats {
+            name: name.to_string(),
+            revision: revision.to_string(),
+            invocations: self.invocations.get(),
+            traps: self.traps.get(),
+            fail_open_skips: self.fail_open_skips.get(),
+            fail_closed: self.fail_closed.get(),
+            vm_restarts: self.vm_restarts.get(),
+            latency_bounds: REPORTED_LATENCY_BOUNDS.to_vec(),
+            latency_buckets,
+            latency_count: l.count.load(Ordering::Relaxed),
+            latency_sum_seconds: l.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            module_metrics: Vec::new(),
+        }
     }
     pub fn trap(&self) {
         self.traps.inc();
@@ -183,6 +238,12 @@ impl Metrics {
             fail_closed: self.fail_closed.get_or_create(&l).clone(),
             vm_restarts: self.vm_restarts.get_or_create(&l).clone(),
             vm_memory: self.vm_memory.get_or_create(&l).clone(),
+            latency: self
+                .latency
+                .lock()
+                .entry(name.to_string())
+                .or_default()
+                .clone(),
         }
     }
 

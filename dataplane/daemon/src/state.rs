@@ -22,4 +22,9 @@ pub struct State {
     pub config_file: PathBuf,
     /// How long in-flight requests may take to finish after shutdown begins.
     pub drain_timeout: std::time::Duration,
+    /// Held while a new configuration is assembled from the current one and stored (file
+    /// reloads and operator snapshots), so neither overwrites the other's change.
+    pub swap: parking_lot::Mutex<()>,
+    /// Managed mode: the operator link's state.
+    pub link: crate::managed::LinkState,
 }

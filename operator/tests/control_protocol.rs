@@ -1,0 +1,369 @@
+//! The control protocol end to end, in one process: the operator's real FilterDiscovery server
+//! on loopback, real dataplanes in managed mode (their own threads, listeners and state
+//! directories), real filters built with the Rust SDK, and real HTTP requests through them.
+//! The operator side is driven through the ControlPlane, as the controller drives it.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use wasmfilter_api::{FailurePolicy, FilterLimits, LabelSelector, Phase, RequestMatch};
+use wasmfilter_dataplane::Dataplane;
+use wasmfilter_operator::ModuleCache;
+use wasmfilter_operator::control::ControlPlane;
+use wasmfilter_operator::index::{FilterKey, FilterVersion};
+
+/// An operator process: its own runtime, so dropping it is a kill (no goodbye on the streams).
+struct Operator {
+    runtime: Option<tokio::runtime::Runtime>,
+    control: Arc<ControlPlane>,
+    addr: SocketAddr,
+}
+
+impl Operator {
+    fn start(cache_dir: &Path, addr: SocketAddr) -> Operator {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cache = Arc::new(ModuleCache::open(cache_dir).unwrap());
+        let control = ControlPlane::new(cache);
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(wasmfilter_operator::grpc::serve(
+            control.clone(),
+            listener,
+            None,
+            std::future::pending(),
+        ));
+        Operator {
+            runtime: Some(runtime),
+            control,
+            addr,
+        }
+    }
+
+    fn kill(mut self) -> SocketAddr {
+        self.runtime
+            .take()
+            .unwrap()
+            .shutdown_timeout(Duration::ZERO);
+        self.addr
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::ZERO);
+        }
+    }
+}
+
+/// Writes a managed dataplane's configuration (echo upstream, no file filters).
+fn dataplane_config(
+    dir: &Path,
+    operator: SocketAddr,
+    id: &str,
+    labels: &[(&str, &str)],
+) -> PathBuf {
+    let labels: String = labels
+        .iter()
+        .map(|(k, v)| format!("    {k}: {v}\n"))
+        .collect();
+    let path = dir.join(format!("{id}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nworkers: 1\ndrainTimeout: 1s\n\
+             routes: [{{name: all, cluster: echo}}]\n\
+             clusters: [{{name: echo, builtin: echo}}]\n\
+             operator:\n  address: http://{operator}\n  insecure: true\n  id: {id}\n  \
+             stateDir: {id}-state\n  statsInterval: 1s\n  labels:\n{labels}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// GET / through a dataplane: (status, response head).
+fn get(addr: SocketAddr) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let head = out.split("\r\n\r\n").next().unwrap_or("").to_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head)
+}
+
+/// The value of response header `name` as the proxy answered it.
+fn header(addr: SocketAddr, name: &str) -> Option<String> {
+    let (status, head) = get(addr);
+    assert_eq!(status, 200, "{head}");
+    head.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Modules {
+    header_rewrite: (String, u64),
+}
+
+fn modules(cache: &Path) -> Modules {
+    let bytes = wasmfilter_testkit::rust_filter_bytes("header_rewrite").unwrap();
+    let digest = ModuleCache::open(cache).unwrap().put(&bytes).unwrap();
+    Modules {
+        header_rewrite: (digest, bytes.len() as u64),
+    }
+}
+
+/// header_rewrite setting response header `x-team` to `value`.
+fn rewrite(key: &FilterKey, module: &(String, u64), config: &str) -> FilterVersion {
+    FilterVersion {
+        key: key.clone(),
+        module_digest: module.0.clone(),
+        module_size: module.1,
+        root_id: String::new(),
+        configuration: config.as_bytes().to_vec(),
+        vm_id: String::new(),
+        vm_configuration: vec![],
+        env: BTreeMap::new(),
+        matches: RequestMatch::default(),
+        phase: Phase::Default,
+        priority: 0,
+        failure_policy: FailurePolicy::FailClosed,
+        limits: FilterLimits::default(),
+    }
+}
+
+fn team(value: &str) -> String {
+    format!(r#"{{"response": {{"set": {{"x-team": "{value}"}}}}}}"#)
+}
+
+fn selector(pairs: &[(&str, &str)]) -> LabelSelector {
+    LabelSelector {
+        match_labels: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        match_expressions: vec![],
+    }
+}
+
+#[test]
+fn snapshots_reach_selected_dataplanes_config_changes_ship_no_bytes_and_bad_filters_stay_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("operator-cache");
+    let m = modules(&cache);
+    let op = Operator::start(&cache, "127.0.0.1:0".parse().unwrap());
+    let cp = op.control.clone();
+    let public = [("gateway", "public")];
+    let dps: Vec<Dataplane> = [("dp-a", "public"), ("dp-b", "public"), ("dp-c", "internal")]
+        .iter()
+        .map(|(id, gw)| {
+            Dataplane::start(&dataplane_config(
+                tmp.path(),
+                op.addr,
+                id,
+                &[("gateway", gw)],
+            ))
+            .unwrap()
+        })
+        .collect();
+    wait_for("three dataplanes to connect", || cp.dataplane_count() == 3);
+
+    // Apply: both public dataplanes fetch the module once, start the filter and ACK.
+    let key = FilterKey::new("team", "rewrite");
+    cp.publish(
+        selector(&public),
+        rewrite(&key, &m.header_rewrite, &team("a")),
+    );
+    wait_for("rollout to the public dataplanes", || {
+        let r = cp.rollout(&key);
+        (r.selected, r.ready, r.failed) == (2, 2, 0)
+    });
+    assert_eq!(header(dps[0].proxy_addr, "x-team").as_deref(), Some("a"));
+    assert_eq!(header(dps[1].proxy_addr, "x-team").as_deref(), Some("a"));
+    assert_eq!(
+        header(dps[2].proxy_addr, "x-team"),
+        None,
+        "dp-c is not selected"
+    );
+    let counters = &cp.counters;
+    assert_eq!(counters.module_fetches.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        counters.module_bytes_served.load(Ordering::SeqCst),
+        2 * m.header_rewrite.1
+    );
+
+    // A configuration change: new behaviour everywhere, not one module byte re-sent.
+    cp.publish(
+        selector(&public),
+        rewrite(&key, &m.header_rewrite, &team("b")),
+    );
+    wait_for("the new configuration to be acknowledged", || {
+        let r = cp.rollout(&key);
+        r.ready == 2 && r.revision.is_some()
+    });
+    assert_eq!(header(dps[0].proxy_addr, "x-team").as_deref(), Some("b"));
+    assert_eq!(header(dps[1].proxy_addr, "x-team").as_deref(), Some("b"));
+    assert_eq!(counters.module_fetches.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        counters.module_bytes_served.load(Ordering::SeqCst),
+        2 * m.header_rewrite.1,
+        "a configuration change re-shipped module bytes"
+    );
+
+    // A second filter whose proxy_on_configure fails: NACKed by both, with the reason; the
+    // first filter keeps serving.
+    let broken = FilterKey::new("team", "broken");
+    cp.publish(
+        selector(&public),
+        rewrite(&broken, &m.header_rewrite, "{not json"),
+    );
+    wait_for("the broken filter to be refused", || {
+        cp.rollout(&broken).failed == 2
+    });
+    let r = cp.rollout(&broken);
+    assert_eq!((r.selected, r.ready), (2, 0));
+    assert_eq!(r.failures.len(), 2);
+    assert_eq!(r.failures[0].0, "dp-a");
+    assert!(
+        r.failures[0]
+            .1
+            .contains("proxy_on_configure returned false"),
+        "{:?}",
+        r.failures
+    );
+    assert_eq!(cp.rollout(&key).ready, 2, "the good filter stays ready");
+    assert_eq!(header(dps[0].proxy_addr, "x-team").as_deref(), Some("b"));
+
+    // A bad update of the good filter: refused, and its last good revision keeps running.
+    cp.withdraw(&broken);
+    cp.publish(selector(&public), rewrite(&key, &m.header_rewrite, "[1,"));
+    wait_for("the bad update to be refused", || {
+        cp.rollout(&key).failed == 2
+    });
+    assert_eq!(
+        header(dps[0].proxy_addr, "x-team").as_deref(),
+        Some("b"),
+        "the last good revision keeps serving"
+    );
+
+    // The selector moves to the internal gateway: the filter leaves dp-a and dp-b.
+    cp.publish(
+        selector(&[("gateway", "internal")]),
+        rewrite(&key, &m.header_rewrite, &team("c")),
+    );
+    wait_for("the move to dp-c", || {
+        let r = cp.rollout(&key);
+        (r.selected, r.ready) == (1, 1)
+    });
+    wait_for("dp-a to drop the filter", || {
+        header(dps[0].proxy_addr, "x-team").is_none()
+    });
+    assert_eq!(header(dps[1].proxy_addr, "x-team"), None);
+    assert_eq!(header(dps[2].proxy_addr, "x-team").as_deref(), Some("c"));
+
+    // Stats flow back: the requests through dp-c were counted by the filter.
+    wait_for("stats from dp-c", || cp.stats_summary(&key).invocations > 0);
+
+    // Deleted: gone from every dataplane.
+    cp.withdraw(&key);
+    wait_for("dp-c to drop the filter", || {
+        header(dps[2].proxy_addr, "x-team").is_none()
+    });
+    for dp in dps {
+        dp.shutdown();
+    }
+}
+
+#[test]
+fn traffic_survives_the_operator_and_a_restarted_dataplane_serves_its_last_good_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("operator-cache");
+    let m = modules(&cache);
+    let op = Operator::start(&cache, "127.0.0.1:0".parse().unwrap());
+    let config = dataplane_config(tmp.path(), op.addr, "dp-a", &[("gateway", "public")]);
+    let dp = Dataplane::start(&config).unwrap();
+    let key = FilterKey::new("team", "rewrite");
+    op.control
+        .publish(selector(&[]), rewrite(&key, &m.header_rewrite, &team("a")));
+    wait_for("rollout", || op.control.rollout(&key).ready == 1);
+
+    // Kill the operator: every request still passes through the filter.
+    let addr = op.kill();
+    for _ in 0..50 {
+        assert_eq!(header(dp.proxy_addr, "x-team").as_deref(), Some("a"));
+    }
+
+    // Restart the dataplane while the operator is down: it is ready at once, with its filter.
+    dp.shutdown();
+    let dp = Dataplane::start(&config).unwrap();
+    assert_eq!(header(dp.proxy_addr, "x-team").as_deref(), Some("a"));
+    assert_eq!(admin_status(dp.admin_addr, "/ready"), 200);
+
+    // The operator comes back (same address, empty memory): the dataplane reconnects,
+    // resyncs, and picks up what the operator publishes now.
+    let op = Operator::start(&cache, addr);
+    op.control
+        .publish(selector(&[]), rewrite(&key, &m.header_rewrite, &team("z")));
+    wait_for("resync after the operator restart", || {
+        op.control.rollout(&key).ready == 1
+    });
+    assert_eq!(header(dp.proxy_addr, "x-team").as_deref(), Some("z"));
+    dp.shutdown();
+}
+
+#[test]
+fn a_fresh_managed_dataplane_is_not_ready_before_its_first_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Nothing listens here: the operator is unreachable.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = unused.local_addr().unwrap();
+    drop(unused);
+    let dp = Dataplane::start(&dataplane_config(tmp.path(), addr, "dp-new", &[])).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(admin_status(dp.admin_addr, "/ready"), 503);
+    assert_eq!(admin_status(dp.admin_addr, "/live"), 200);
+    dp.shutdown();
+}
+
+fn admin_status(addr: SocketAddr, path: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
