@@ -103,6 +103,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Resolutions that ended with `result` so far.
+    pub fn pulls_with(&self, result: &str) -> u64 {
+        self.pulls
+            .get(&ResultLabel {
+                result: result.into(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
     /// A registry with these metrics and, when given, the control plane's figures.
     pub fn registry(&self, control: Option<Arc<ControlPlane>>) -> Registry {
         let mut r = Registry::with_prefix("wasmfilter_operator");
