@@ -22,6 +22,9 @@ use anyhow::{Context, bail};
 pub const CLUSTER_ENV: &str = "WASMFILTER_E2E_CLUSTER";
 pub const KUBECTL_ENV: &str = "WASMFILTER_E2E_KUBECTL";
 pub const HELM_ENV: &str = "WASMFILTER_E2E_HELM";
+/// A kubeconfig of an existing cluster (e.g. kind, see e2e/kind) to run the suite against
+/// instead of starting an API server; kubectl and Helm then default to the ones on PATH.
+pub const KUBECONFIG_ENV: &str = "WASMFILTER_E2E_KUBECONFIG";
 
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
@@ -64,20 +67,29 @@ impl Tools {
         let helm = pinned_version(&root.join("e2e/helm/go.mod"), "helm.sh/helm/v3")?;
         let pick =
             |var: &str, default: PathBuf| std::env::var_os(var).map_or(default, PathBuf::from);
-        let tools = Tools {
-            cluster: pick(CLUSTER_ENV, cache.join(format!("cluster-{kube}"))),
-            kubectl: pick(KUBECTL_ENV, cache.join(format!("kubectl-{kube}"))),
-            helm: pick(HELM_ENV, cache.join(format!("helm-{helm}/helm"))),
+        let existing = std::env::var_os(KUBECONFIG_ENV).is_some();
+        let tools = if existing {
+            Tools {
+                cluster: PathBuf::new(),
+                kubectl: pick(KUBECTL_ENV, on_path("kubectl")),
+                helm: pick(HELM_ENV, on_path("helm")),
+            }
+        } else {
+            Tools {
+                cluster: pick(CLUSTER_ENV, cache.join(format!("cluster-{kube}"))),
+                kubectl: pick(KUBECTL_ENV, cache.join(format!("kubectl-{kube}"))),
+                helm: pick(HELM_ENV, cache.join(format!("helm-{helm}/helm"))),
+            }
         };
-        let missing: Vec<String> = [
-            (CLUSTER_ENV, &tools.cluster),
-            (KUBECTL_ENV, &tools.kubectl),
-            (HELM_ENV, &tools.helm),
-        ]
-        .iter()
-        .filter(|(_, path)| !path.is_file())
-        .map(|(var, path)| format!("  {var}: {} does not exist", path.display()))
-        .collect();
+        let mut needed = vec![(KUBECTL_ENV, &tools.kubectl), (HELM_ENV, &tools.helm)];
+        if !existing {
+            needed.insert(0, (CLUSTER_ENV, &tools.cluster));
+        }
+        let missing: Vec<String> = needed
+            .iter()
+            .filter(|(_, path)| !path.is_file())
+            .map(|(var, path)| format!("  {var}: {} does not exist", path.display()))
+            .collect();
         if !missing.is_empty() {
             bail!(
                 "the e2e binaries are not built:\n{}\nbuild them once (cached under {}; the API server takes ~7 min cold):\n  e2e/cluster/build.sh && e2e/helm/build.sh\nor run everything with `cargo xtask ci`",
@@ -116,6 +128,16 @@ impl Tools {
         cmd.args(args);
         Output::run(cmd, None)
     }
+}
+
+/// `name` in a directory of PATH, or just `name` (which then does not exist as a file).
+fn on_path(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 fn helm_env(cmd: &mut Command, home: &Path) {
@@ -232,6 +254,8 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     server: String,
     guard: Mutex<Option<(Child, ChildStdin)>>,
+    /// The scratch directory of a cluster this harness did not start.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl fmt::Debug for Cluster {
@@ -299,6 +323,7 @@ impl Cluster {
                     dir,
                     server: server.trim().to_string(),
                     guard: Mutex::new(Some((child, stdin))),
+                    _scratch: None,
                 };
                 eprintln!(
                     "e2e: API server {} ready after {:.1}s (state in {})",
@@ -330,16 +355,50 @@ impl Cluster {
         }
     }
 
-    /// One API server shared by every test of a test binary, started on first use. `None`
-    /// when the binaries are missing outside CI (see [`Tools::or_skip`]); a failure to start
-    /// panics in every test that asks for it.
+    /// An existing cluster, by its kubeconfig (its current context); nothing is started or
+    /// stopped. The tests create namespaces and cluster-scoped objects in it: use a throwaway
+    /// cluster (e2e/kind/run.sh makes one).
+    pub fn existing(tools: &Tools, kubeconfig: &Path) -> anyhow::Result<Cluster> {
+        let scratch = tempfile::Builder::new()
+            .prefix("wasmfilter-e2e-")
+            .tempdir()?;
+        let mut cluster = Cluster {
+            tools: tools.clone(),
+            dir: scratch.path().to_path_buf(),
+            kubeconfig: fs::canonicalize(kubeconfig)
+                .with_context(|| format!("{}", kubeconfig.display()))?,
+            server: String::new(),
+            guard: Mutex::new(None),
+            _scratch: Some(scratch),
+        };
+        let out = cluster.kubectl(&[
+            "config",
+            "view",
+            "--minify",
+            "-o",
+            "jsonpath={.clusters[0].cluster.server}",
+        ]);
+        if !out.success() {
+            bail!("reading the server of {}:\n{out}", kubeconfig.display());
+        }
+        cluster.server = out.stdout.trim().to_string();
+        Ok(cluster)
+    }
+
+    /// One cluster shared by every test of a test binary: an API server started on first use,
+    /// or the cluster `WASMFILTER_E2E_KUBECONFIG` names. `None` when the binaries are missing
+    /// outside CI (see [`Tools::or_skip`]); a failure to start panics in every test that asks
+    /// for it.
     pub fn shared() -> Option<&'static Cluster> {
         static SHARED: OnceLock<Result<Option<Cluster>, String>> = OnceLock::new();
         let shared = SHARED.get_or_init(|| match Tools::or_skip() {
             None => Ok(None),
-            Some(tools) => Cluster::start(&tools)
-                .map(Some)
-                .map_err(|e| format!("{e:#}")),
+            Some(tools) => match std::env::var_os(KUBECONFIG_ENV) {
+                Some(kubeconfig) => Cluster::existing(&tools, Path::new(&kubeconfig)),
+                None => Cluster::start(&tools),
+            }
+            .map(Some)
+            .map_err(|e| format!("{e:#}")),
         });
         match shared {
             Ok(cluster) => cluster.as_ref(),
@@ -352,7 +411,7 @@ impl Cluster {
         &self.kubeconfig
     }
 
-    /// The API server's URL, `https://127.0.0.1:PORT`.
+    /// The API server's URL, `https://127.0.0.1:PORT` for one the harness started.
     pub fn server(&self) -> &str {
         &self.server
     }
@@ -454,15 +513,27 @@ impl Cluster {
         if !out.success() {
             bail!("requesting a token for {namespace}/{name}:\n{out}");
         }
+        let token = out.stdout.trim().to_string();
+        // The admin kubeconfig's cluster entry (server and CA), inlined.
+        let out = self.kubectl(&[
+            "config",
+            "view",
+            "--minify",
+            "--raw",
+            "--flatten",
+            "-o",
+            "json",
+        ]);
+        if !out.success() {
+            bail!("reading the kubeconfig:\n{out}");
+        }
+        let admin: serde_json::Value = serde_json::from_str(&out.stdout)?;
         let path = self.dir.join(format!("kubeconfig-{namespace}-{name}"));
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "e2e", "cluster": {
-                "server": self.server,
-                "certificate-authority": self.dir.join("ca.crt"),
-            }}],
-            "users": [{"name": name, "user": {"token": out.stdout.trim()}}],
+            "clusters": [{"name": "e2e", "cluster": admin["clusters"][0]["cluster"]}],
+            "users": [{"name": name, "user": {"token": token}}],
             "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": name, "namespace": namespace}}],
             "current-context": "e2e",
         });

@@ -92,7 +92,11 @@ fn cluster() -> Option<&'static Cluster> {
                 "crd/wasmfilters.wasmfilter.dev",
             ])
             .ok();
-        cluster.kubectl(&["create", "namespace", NAMESPACE]).ok();
+        cluster
+            .apply_yaml(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}\n"
+            ))
+            .ok();
     });
     Some(cluster)
 }

@@ -684,7 +684,9 @@ fn operator_rbac_is_least_privilege() {
     );
 
     // The same, as the operator would be: with its ServiceAccount's own token.
-    cluster.kubectl(&["create", "namespace", "team-a"]);
+    cluster
+        .apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a}\n")
+        .ok();
     cluster
         .apply_yaml("apiVersion: v1\nkind: Secret\nmetadata: {name: regcred, namespace: team-a}\ntype: kubernetes.io/dockerconfigjson\nstringData: {.dockerconfigjson: '{\"auths\":{}}'}\n")
         .ok();
