@@ -19,6 +19,7 @@ use wasmfilter_operator::{Credentials, ModuleCache, Resolver, ResolverConfig};
 use wasmfilter_testkit::registry::TestRegistry;
 
 #[path = "controller/fake_apiserver.rs"]
+#[allow(dead_code)] // shared with controller_run.rs, which uses the rest
 mod fake_apiserver;
 use fake_apiserver::FakeApiServer;
 
