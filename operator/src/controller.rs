@@ -45,7 +45,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller, Error as ControllerError};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::broadcast;
 use wasmfilter_api::crd::{self, SpecError, WasmFilter, WasmFilterStatus};
@@ -223,7 +223,10 @@ impl Context {
             .default_backoff()
             .reflect(writer)
             .inspect(move |event| observer.observe(event))
-            .applied_objects();
+            .applied_objects()
+            // Only spec changes (and new objects) trigger from the watch: the status this
+            // controller writes would otherwise re-trigger each reconcile once.
+            .predicate_filter(predicates::generation, Default::default());
         let triggers = rollout_triggers(self.control.subscribe_rollouts(), reader.clone());
         let config = kube::runtime::controller::Config::default()
             .concurrency(self.config.concurrency)
