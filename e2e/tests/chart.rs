@@ -266,7 +266,12 @@ fn template_renders_the_dataplane_contract() {
         ["--config", "/etc/wasmfilter/config/dataplane.yaml"]
     );
     let env = env_names(dataplane);
-    for name in ["POD_NAME", "NODE_NAME", "WASMFILTER_DATAPLANE_ID"] {
+    for name in [
+        "POD_NAME",
+        "NODE_NAME",
+        "WASMFILTER_DATAPLANE_ID",
+        "WASMFILTER_MODULE_CACHE",
+    ] {
         assert!(env.contains(&name), "{name} missing from {env:?}");
     }
     assert_eq!(
@@ -322,9 +327,21 @@ fn template_renders_the_dataplane_contract() {
         [
             "/etc/wasmfilter/config",
             "/var/lib/wasmfilter",
+            "/tmp",
             "/etc/wasmfilter/tls"
         ]
     );
+    // With a read-only root filesystem, the compiled-module cache must be on a volume.
+    assert_eq!(dataplane["securityContext"]["readOnlyRootFilesystem"], true);
+    let cache = dataplane["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "WASMFILTER_MODULE_CACHE")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap();
+    assert!(cache.starts_with("/var/lib/wasmfilter/"), "{cache}");
 
     // hostPort on request, and the configuration follows the values.
     let docs = template(
