@@ -39,6 +39,8 @@ pub struct Counters {
     pub module_bytes_served: AtomicU64,
     pub module_fetches: AtomicU64,
     pub snapshots_sent: AtomicU64,
+    /// Encoded size of every snapshot sent (what a change costs on the wire).
+    pub snapshot_bytes_sent: AtomicU64,
     pub acks: AtomicU64,
     pub nacks: AtomicU64,
 }

@@ -245,13 +245,15 @@ async fn run_session(
                 let message = ControlMessage {
                     kind: Some(control_message::Kind::Snapshot(snapshot)),
                 };
+                let size = prost::Message::encoded_len(&message) as u64;
                 match tx.try_send(Ok(message)) {
                     Ok(()) => {
                         version += 1;
-                        control
-                            .counters
-                            .snapshots_sent
-                            .fetch_add(1, Ordering::Relaxed);
+                        let counters = &control.counters;
+                        counters.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+                        counters
+                            .snapshot_bytes_sent
+                            .fetch_add(size, Ordering::Relaxed);
                         pending.insert(version, revisions.clone());
                         while pending.len() > limits::PENDING_ACKS {
                             pending.pop_first();
