@@ -367,3 +367,110 @@ fn admin_status(addr: SocketAddr, path: &str) -> u16 {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
 }
+
+/// A CA and a certificate it signed for `names` (DNS names or IP addresses): (ca pem, cert pem, key pem).
+struct Pki {
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        Pki { ca }
+    }
+
+    fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (
+            dir.join(format!("{file}.crt")),
+            dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn write_ca(&self, path: &Path) {
+        std::fs::write(path, self.ca.pem()).unwrap();
+    }
+}
+
+#[test]
+fn with_certificates_the_link_is_mutual_tls_and_strangers_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cache = dir.join("operator-cache");
+    let m = modules(&cache);
+    let pki = Pki::new("wasmfilter test CA");
+    pki.write_ca(&dir.join("ca.crt"));
+    let (server_cert, server_key) = pki.issue(dir, "operator", &["localhost", "127.0.0.1"]);
+    let (client_cert, client_key) = pki.issue(dir, "dp-good", &["dp-good"]);
+    let stranger = Pki::new("someone else's CA");
+    let (bad_cert, bad_key) = stranger.issue(dir, "dp-bad", &["dp-bad"]);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let control = ControlPlane::new(Arc::new(ModuleCache::open(&cache).unwrap()));
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = wasmfilter_operator::grpc::ServerTls::from_files(
+        &server_cert,
+        &server_key,
+        &dir.join("ca.crt"),
+    )
+    .unwrap();
+    runtime.spawn(wasmfilter_operator::grpc::serve(
+        control.clone(),
+        listener,
+        Some(tls),
+        std::future::pending(),
+    ));
+
+    let config = |id: &str, cert: &Path, key: &Path| {
+        let path = dir.join(format!("{id}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nworkers: 1\ndrainTimeout: 1s\n\
+                 routes: [{{name: all, cluster: echo}}]\n\
+                 clusters: [{{name: echo, builtin: echo}}]\n\
+                 operator:\n  address: https://localhost:{}\n  id: {id}\n  stateDir: {id}-state\n  \
+                 tls: {{caFile: ca.crt, certFile: {}, keyFile: {}}}\n",
+                addr.port(),
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let good = Dataplane::start(&config("dp-good", &client_cert, &client_key)).unwrap();
+    let bad = Dataplane::start(&config("dp-bad", &bad_cert, &bad_key)).unwrap();
+    let key = FilterKey::new("team", "rewrite");
+    control.publish(
+        selector(&[]),
+        rewrite(&key, &m.header_rewrite, &team("tls")),
+    );
+    wait_for("the dataplane with a good certificate to ACK", || {
+        control.rollout(&key).ready == 1
+    });
+    assert_eq!(header(good.proxy_addr, "x-team").as_deref(), Some("tls"));
+    // The stranger never gets in: one dataplane connected, and it is not ready.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(control.dataplane_count(), 1);
+    assert_eq!(admin_status(bad.admin_addr, "/ready"), 503);
+    good.shutdown();
+    bad.shutdown();
+    runtime.shutdown_timeout(Duration::ZERO);
+}
