@@ -154,6 +154,11 @@ fn template_renders_the_operator_contract() {
 
     let deployment = find(&docs, "Deployment", "wasmfilter-operator");
     assert_eq!(deployment["spec"]["replicas"], 2);
+    // Only the leader is ready: a rollout that waits for ready new replicas would never end.
+    assert_eq!(
+        deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        "100%"
+    );
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "wasmfilter-operator");
     let operator = &pod["containers"][0];
