@@ -254,8 +254,6 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     server: String,
     guard: Mutex<Option<(Child, ChildStdin)>>,
-    /// The scratch directory of a cluster this harness did not start.
-    _scratch: Option<tempfile::TempDir>,
 }
 
 impl fmt::Debug for Cluster {
@@ -323,7 +321,6 @@ impl Cluster {
                     dir,
                     server: server.trim().to_string(),
                     guard: Mutex::new(Some((child, stdin))),
-                    _scratch: None,
                 };
                 eprintln!(
                     "e2e: API server {} ready after {:.1}s (state in {})",
@@ -359,17 +356,28 @@ impl Cluster {
     /// stopped. The tests create namespaces and cluster-scoped objects in it: use a throwaway
     /// cluster (e2e/kind/run.sh makes one).
     pub fn existing(tools: &Tools, kubeconfig: &Path) -> anyhow::Result<Cluster> {
-        let scratch = tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("wasmfilter-e2e-")
-            .tempdir()?;
+            .tempdir()?
+            .keep();
+        // Only a scratch directory to remove when the test process goes away.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"read -r _ || true; rm -rf "$0""#)
+            .arg(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting sh")?;
+        let stdin = child.stdin.take().expect("stdin is piped");
         let mut cluster = Cluster {
             tools: tools.clone(),
-            dir: scratch.path().to_path_buf(),
+            dir,
             kubeconfig: fs::canonicalize(kubeconfig)
                 .with_context(|| format!("{}", kubeconfig.display()))?,
             server: String::new(),
-            guard: Mutex::new(None),
-            _scratch: Some(scratch),
+            guard: Mutex::new(Some((child, stdin))),
         };
         let out = cluster.kubectl(&[
             "config",
@@ -541,7 +549,8 @@ impl Cluster {
         Ok(path)
     }
 
-    /// Stops the server and removes its directory (also done when the process exits).
+    /// Stops the server (one the harness started) and removes the state directory (also done
+    /// when the process exits).
     pub fn stop(&self) {
         let Some((mut child, stdin)) = self.guard.lock().unwrap().take() else {
             return;
