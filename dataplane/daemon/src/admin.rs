@@ -64,8 +64,12 @@ fn config_dump(state: &State) -> String {
         .map(|f| {
             serde_json::json!({
                 "name": f.name,
-                "digest": f.module.digest,
-                "abiVersion": f.module.abi.as_str(),
+                "digest": f.module().map(|m| m.digest.clone()),
+                "abiVersion": f.module().map(|m| m.abi.as_str()),
+                "native": match &f.kind {
+                    crate::chain::FilterKind::Native { name, .. } => Some(name.as_str()),
+                    crate::chain::FilterKind::Wasm(_) => None,
+                },
                 "version": f.version,
                 "rootId": f.spec.root_id,
                 "vmId": f.vm_id,

@@ -22,10 +22,22 @@ use wasmfilter_host::{
 
 use crate::config::{self, Builtin, Config};
 
+/// What runs a filter: a compiled proxy-wasm module (one VM per worker), or a filter built
+/// into the dataplane ([`crate::native`]), called at the same points of the request path.
+#[derive(Clone)]
+pub enum FilterKind {
+    Wasm(Arc<PluginModule>),
+    Native {
+        /// The name it was chosen by (`native:` in the configuration).
+        name: String,
+        filter: Arc<dyn crate::native::NativeFilter>,
+    },
+}
+
 /// One filter of the chain, compiled and configured, shared by all workers.
 pub struct LoadedFilter {
     pub name: String,
-    pub module: Arc<PluginModule>,
+    pub kind: FilterKind,
     pub spec: PluginSpec,
     pub matches: RequestMatch,
     pub phase: Phase,
@@ -75,8 +87,42 @@ impl LoadedFilter {
         embedder: Arc<ClusterNames>,
     ) -> Result<LoadedFilter, String> {
         let module = host.load(bytes).map_err(|e| e.to_string())?;
-        let filter = LoadedFilter {
-            module,
+        let filter = LoadedFilter::new(FilterKind::Wasm(module), def, version, metrics);
+        filter
+            .instantiate(host, embedder)
+            .map_err(|e| e.to_string())?;
+        Ok(filter)
+    }
+
+    /// A native filter (`crate::native`), configured with the definition's configuration
+    /// bytes; a configuration it refuses is refused here, as a Wasm filter's
+    /// `proxy_on_configure` would be.
+    pub fn native(
+        native: &str,
+        def: FilterDef,
+        version: u64,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<LoadedFilter, String> {
+        let filter = crate::native::build(native, &def.configuration)?;
+        Ok(LoadedFilter::new(
+            FilterKind::Native {
+                name: native.to_string(),
+                filter,
+            },
+            def,
+            version,
+            metrics,
+        ))
+    }
+
+    fn new(
+        kind: FilterKind,
+        def: FilterDef,
+        version: u64,
+        metrics: &crate::metrics::Metrics,
+    ) -> LoadedFilter {
+        LoadedFilter {
+            kind,
             spec: PluginSpec {
                 name: def.name.clone(),
                 root_id: def.root_id,
@@ -97,11 +143,23 @@ impl LoadedFilter {
             metrics: metrics.for_filter(&def.name),
             managed: def.managed,
             name: def.name,
-        };
-        filter
-            .instantiate(host, embedder)
-            .map_err(|e| e.to_string())?;
-        Ok(filter)
+        }
+    }
+
+    /// The compiled module, for a Wasm filter.
+    pub fn module(&self) -> Option<&Arc<PluginModule>> {
+        match &self.kind {
+            FilterKind::Wasm(m) => Some(m),
+            FilterKind::Native { .. } => None,
+        }
+    }
+
+    /// The native filter, for a filter built into the dataplane.
+    pub fn native_filter(&self) -> Option<&dyn crate::native::NativeFilter> {
+        match &self.kind {
+            FilterKind::Wasm(_) => None,
+            FilterKind::Native { filter, .. } => Some(filter.as_ref()),
+        }
     }
 
     pub fn revision(&self) -> &str {
@@ -190,6 +248,33 @@ impl Active {
                 name: f.name.clone(),
                 message,
             };
+            let def = FilterDef {
+                name: f.name.clone(),
+                root_id: f.root_id.clone(),
+                configuration: config::config_bytes(&f.config),
+                vm_id: f.vm.id.clone(),
+                vm_configuration: config::config_bytes(&f.vm.config),
+                env: f
+                    .vm
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                matches: f.matches.clone(),
+                phase: f.phase,
+                priority: f.priority,
+                failure_policy: f.failure_policy,
+                memory_limit: config::parse_quantity(&f.limits.memory).map_err(fail)?,
+                callback_timeout: f.limits.callback_timeout,
+                log_level: f.log_level.parse().map_err(fail)?,
+                managed: None,
+            };
+            if let Some(native) = &f.native {
+                let filter = LoadedFilter::native(native, def, generation, metrics)
+                    .map_err(|e| fail(format!("native {native}: {e}")))?;
+                filters.push(Arc::new(filter));
+                continue;
+            }
             let (bytes, source) = match (&f.module, &f.image) {
                 (Some(module), _) => {
                     let path = Config::module_path(config_file, module);
@@ -216,27 +301,6 @@ impl Active {
                     )));
                 }
             }
-            let def = FilterDef {
-                name: f.name.clone(),
-                root_id: f.root_id.clone(),
-                configuration: config::config_bytes(&f.config),
-                vm_id: f.vm.id.clone(),
-                vm_configuration: config::config_bytes(&f.vm.config),
-                env: f
-                    .vm
-                    .env
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                matches: f.matches.clone(),
-                phase: f.phase,
-                priority: f.priority,
-                failure_policy: f.failure_policy,
-                memory_limit: config::parse_quantity(&f.limits.memory).map_err(fail)?,
-                callback_timeout: f.limits.callback_timeout,
-                log_level: f.log_level.parse().map_err(fail)?,
-                managed: None,
-            };
             let filter =
                 LoadedFilter::load(host, def, &bytes, generation, metrics, embedder.clone())
                     .map_err(|e| fail(format!("module {source}: {e}")))?;
@@ -374,6 +438,8 @@ pub enum InstantiateError {
     Vm(#[from] wasmfilter_host::VmError),
     #[error(transparent)]
     Start(#[from] wasmfilter_host::StartError),
+    #[error("filter {0} is native: it has no VM")]
+    Native(String),
 }
 
 impl LoadedFilter {
@@ -382,8 +448,11 @@ impl LoadedFilter {
         host: &Arc<Host>,
         embedder: Arc<ClusterNames>,
     ) -> Result<(Vm, u32), InstantiateError> {
+        let FilterKind::Wasm(module) = &self.kind else {
+            return Err(InstantiateError::Native(self.name.clone()));
+        };
         let mut vm = host.new_vm(
-            &self.module,
+            module,
             VmOptions {
                 vm_id: self.vm_id.clone(),
                 label: self.name.clone(),

@@ -174,6 +174,10 @@ pub struct Filter {
     /// in any layout the operator accepts. Give this or `module`.
     #[serde(default)]
     pub image: Option<String>,
+    /// A filter compiled into the dataplane instead of a module (`crate::native::NAMES`),
+    /// given the same `config`. Give this, `module` or `image`.
+    #[serde(default)]
+    pub native: Option<String>,
     /// Expected sha256 (64 hex) of the module bytes; a module that differs is refused.
     #[serde(default)]
     pub sha256: Option<String>,
@@ -398,17 +402,26 @@ impl Config {
             if f.name.is_empty() {
                 return Err(err(field("name"), "must not be empty".into()));
             }
-            match (&f.module, &f.image) {
-                (Some(_), Some(_)) | (None, None) => {
+            let sources = [f.module.is_some(), f.image.is_some(), f.native.is_some()];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(err(
+                    field("module"),
+                    format!(
+                        "filter {:?}: set exactly one of module (a .wasm file), image (an OCI reference) or native (a filter built into the dataplane)",
+                        f.name
+                    ),
+                ));
+            }
+            if let Some(native) = &f.native {
+                if !crate::native::NAMES.contains(&native.as_str()) {
+                    return Err(err(field("native"), crate::native::unknown(native)));
+                }
+                if f.sha256.is_some() {
                     return Err(err(
-                        field("module"),
-                        format!(
-                            "filter {:?}: set exactly one of module (a .wasm file) or image (an OCI reference)",
-                            f.name
-                        ),
+                        field("sha256"),
+                        "a native filter has no module bytes to pin".into(),
                     ));
                 }
-                _ => {}
             }
             if let Some(pin) = &f.sha256
                 && !(pin.len() == 64

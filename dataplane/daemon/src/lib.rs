@@ -12,6 +12,7 @@ pub mod chain;
 pub mod config;
 pub mod managed;
 pub mod metrics;
+pub mod native;
 pub mod proxy;
 pub mod state;
 pub mod timers;

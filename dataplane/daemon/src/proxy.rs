@@ -140,6 +140,9 @@ struct Running {
     vm: Option<VmHandle>,
     ctx: u32,
     skipped: bool,
+    /// A native filter that ran its request-header phase (it has no stream context, and no
+    /// body or trailer phases).
+    native: bool,
     pending: Vec<u8>,
 }
 
@@ -342,6 +345,7 @@ async fn proxy(
             vm: None,
             ctx: 0,
             skipped: false,
+            native: false,
             pending: Vec::new(),
         })
         .collect();
@@ -375,6 +379,13 @@ async fn request_path(
 ) -> Result<Upstream, ProxyError> {
     let has_body = !body.is_end_stream();
     for r in running.iter_mut() {
+        if let Some(native) = r.filter.native_filter() {
+            let started = Instant::now();
+            native.on_request_headers(&mut exchange.lock().request_headers);
+            r.filter.metrics.callback(started.elapsed().as_secs_f64());
+            r.native = true;
+            continue;
+        }
         if !start_stream(state, active, exchange, r)? {
             continue;
         }
@@ -936,7 +947,10 @@ async fn respond(
         to_fields(&parts.headers, &mut ex.response_headers);
         ex.info.response_code = Some(parts.status.as_u16());
     }
-    if running.iter().all(|r| r.skipped || r.ctx == 0) {
+    if running
+        .iter()
+        .all(|r| (r.skipped || r.ctx == 0) && !r.native)
+    {
         finish_all(&running);
         let mut resp = Response::new(body);
         *resp.status_mut() = parts.status;
@@ -946,6 +960,10 @@ async fn respond(
     }
     let has_body = !body.is_end_stream();
     for i in (0..running.len()).rev() {
+        if running[i].native {
+            native_response_headers(&running[i], &exchange);
+            continue;
+        }
         let flow = callback(state, active, &mut running[i], false, |vm, ctx| {
             vm.on_response_headers(ctx, !has_body)
         })
@@ -1127,7 +1145,11 @@ async fn local_reply(
         ex.info.response_code = Some(local.status);
         ex.info.response_code_details = Some(local.details.clone());
     }
-    for r in running.iter_mut().rev().filter(|r| r.ctx != 0) {
+    for r in running.iter_mut().rev().filter(|r| r.ctx != 0 || r.native) {
+        if r.native {
+            native_response_headers(r, &exchange);
+            continue;
+        }
         // A second local reply from the response side is ignored: the first one stands.
         let _ = callback(state, active, r, false, |vm, ctx| {
             vm.on_response_headers(ctx, local.body.is_empty())
@@ -1140,6 +1162,15 @@ async fn local_reply(
     headers.remove(http::header::CONTENT_LENGTH);
     *resp.headers_mut() = headers;
     resp
+}
+
+/// A native filter's response-header phase (timed like a Wasm callback).
+fn native_response_headers(r: &Running, exchange: &SharedExchange) {
+    if let Some(native) = r.filter.native_filter() {
+        let started = Instant::now();
+        native.on_response_headers(&mut exchange.lock().response_headers);
+        r.filter.metrics.callback(started.elapsed().as_secs_f64());
+    }
 }
 
 /// Ends every filter's stream context, whatever happened to the request.

@@ -180,6 +180,39 @@ fn a_trapping_filter_fails_closed_or_open_and_never_disturbs_the_others() {
     dp.shutdown();
 }
 
+/// A native filter runs at the same points as a Wasm one: request headers in chain order
+/// (the echo upstream shows what it added), response headers in reverse order.
+#[test]
+fn a_native_filter_runs_where_a_wasm_filter_would() {
+    let dir = temp_dir("native");
+    let yaml = format!(
+        "  - name: wasm\n    module: {}\n    config: {{\"response\": {{\"add\": {{\"x-wasm\": \"1\"}}}}}}\n  - name: native\n    native: header_rewrite\n    config: {{\"request\": {{\"set\": {{\"x-native-req\": \"yes\"}}}}, \"response\": {{\"add\": {{\"x-native\": \"1\"}}}}}}\n",
+        filter("header_rewrite").display()
+    );
+    let dp = start(&dir, &yaml);
+    let (status, head, body) = http(dp.proxy_addr, "GET", "/n", &[], "");
+    assert_eq!(status, 200, "{head}");
+    assert!(body.contains("\"x-native-req\": \"yes\""), "{body}");
+    assert!(head.contains("x-native: 1"), "{head}");
+    assert!(head.contains("x-wasm: 1"), "{head}");
+    assert_eq!(
+        head.matches("x-wasmfilter: header_rewrite").count(),
+        2,
+        "{head}"
+    );
+    let (status, _, body) = http(dp.proxy_addr, "POST", "/n", &[], "a body passes untouched");
+    assert_eq!(status, 200);
+    assert!(body.contains("a body passes untouched"), "{body}");
+    let metrics = http(dp.admin_addr, "GET", "/metrics", &[], "").2;
+    assert!(
+        metrics.contains("wasmfilter_filter_invocations_total{filter=\"native\"}"),
+        "{metrics}"
+    );
+    let dump = http(dp.admin_addr, "GET", "/config_dump", &[], "").2;
+    assert!(dump.contains("\"native\": \"header_rewrite\""), "{dump}");
+    dp.shutdown();
+}
+
 #[test]
 fn bad_configurations_each_get_one_clear_error() {
     let dir = temp_dir("badcfg");
@@ -215,6 +248,9 @@ fn bad_configurations_each_get_one_clear_error() {
         (format!("{base}filters: [{{name: f, module: x.wasm, logLevel: loud}}]\n"), "filters[0].logLevel"),
         (format!("{base}filters: [{{name: f, module: x.wasm, failurePolicy: Sometimes}}]\n"), "unknown variant `Sometimes`"),
         (format!("{base}filters: [{{name: f, module: {}, config: {{\"request\": 5}}}}]\n", filter("header_rewrite").display()), "proxy_on_configure returned false"),
+        (format!("{base}filters: [{{name: f, native: nope}}]\n"), "unknown native filter \"nope\"; known native filters: header_rewrite"),
+        (format!("{base}filters: [{{name: f, native: header_rewrite, module: x.wasm}}]\n"), "set exactly one of module"),
+        (format!("{base}filters: [{{name: f, native: header_rewrite, config: \"{{not json\"}}]\n"), "native header_rewrite: header_rewrite: invalid plugin configuration"),
     ];
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.yaml"));
