@@ -474,3 +474,67 @@ fn with_certificates_the_link_is_mutual_tls_and_strangers_are_refused() {
     bad.shutdown();
     runtime.shutdown_timeout(Duration::ZERO);
 }
+
+#[test]
+fn a_dataplane_that_stops_reading_never_holds_up_the_others() {
+    use wasmfilter_api::control::filter_discovery_client::FilterDiscoveryClient;
+    use wasmfilter_api::control::{DataplaneMessage, Hello, dataplane_message};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("operator-cache");
+    let m = modules(&cache);
+    let op = Operator::start(&cache, "127.0.0.1:0".parse().unwrap());
+    let cp = op.control.clone();
+    let key = FilterKey::new("team", "rewrite");
+    // A large configuration, so the stuck stream's HTTP/2 window fills after a few snapshots.
+    let padding = "x".repeat(200 << 10);
+    let big = |v: &str| {
+        format!(r#"{{"response": {{"set": {{"x-team": "{v}"}}}}, "padding": "{padding}"}}"#)
+    };
+    cp.publish(selector(&[]), rewrite(&key, &m.header_rewrite, &big("0")));
+
+    // The stuck dataplane: says Hello, then never reads a byte of what the operator sends.
+    let client_rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = op.addr;
+    let _stuck = client_rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = FilterDiscoveryClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(DataplaneMessage {
+            kind: Some(dataplane_message::Kind::Hello(Hello {
+                id: "stuck".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let response = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap();
+        (tx, response)
+    });
+    let dp = Dataplane::start(&dataplane_config(tmp.path(), op.addr, "dp-ok", &[])).unwrap();
+    wait_for("both connected", || cp.dataplane_count() == 2);
+    for i in 1..=10 {
+        let value = i.to_string();
+        cp.publish(
+            selector(&[]),
+            rewrite(&key, &m.header_rewrite, &big(&value)),
+        );
+        wait_for("the reading dataplane to follow every change", || {
+            header(dp.proxy_addr, "x-team").as_deref() == Some(value.as_str())
+        });
+    }
+    let r = cp.rollout(&key);
+    assert_eq!(
+        (r.selected, r.ready),
+        (2, 1),
+        "the stuck one never acknowledged"
+    );
+    dp.shutdown();
+}
