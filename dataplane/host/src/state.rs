@@ -119,6 +119,9 @@ pub(crate) struct VmState {
     pub label: String,
     pub log_level: LogLevel,
     pub log: LogSink,
+    /// The module's latest error or critical log message (kept whatever the log level), so a
+    /// refused start can say in the module's own words why.
+    pub last_error_log: parking_lot::Mutex<Option<String>>,
     pub env: Vec<(String, String)>,
     pub shared: Arc<SharedState>,
     pub foreign: Arc<ForeignFunctions>,
@@ -181,6 +184,9 @@ impl VmState {
     }
 
     pub fn emit_log(&self, level: LogLevel, message: String) {
+        if level >= LogLevel::Error {
+            *self.last_error_log.lock() = Some(message.clone());
+        }
         if level < self.log_level {
             return;
         }

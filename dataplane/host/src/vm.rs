@@ -97,12 +97,12 @@ pub enum CallbackError {
 /// Why a plugin could not start on a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("proxy_on_vm_start returned false: the module rejected its VM configuration")]
-    VmStartRejected,
-    #[error("proxy_validate_configuration returned false: the module rejected its configuration")]
-    ConfigurationInvalid,
-    #[error("proxy_on_configure returned false: the module rejected its configuration")]
-    ConfigureRejected,
+    #[error("proxy_on_vm_start returned false: the module rejected its VM configuration{}", said(.0))]
+    VmStartRejected(Option<String>),
+    #[error("proxy_validate_configuration returned false: the module rejected its configuration{}", said(.0))]
+    ConfigurationInvalid(Option<String>),
+    #[error("proxy_on_configure returned false: the module rejected its configuration{}", said(.0))]
+    ConfigureRejected(Option<String>),
     #[error(transparent)]
     Callback(#[from] CallbackError),
 }
@@ -289,6 +289,7 @@ impl Host {
             label: opts.label,
             log_level: opts.log_level,
             log: opts.log,
+            last_error_log: Default::default(),
             env: opts.env,
             shared: self.shared.clone(),
             foreign: self.foreign.clone(),
@@ -595,6 +596,8 @@ impl Vm {
     ) -> Result<(), StartError> {
         let t = self.start_timeout;
         let e = self.exports.clone();
+        *self.store.data().last_error_log.lock() = None;
+        let said = |vm: &Self| vm.store.data().last_error_log.lock().take();
         if let Some(f) = &e.context_create {
             self.invoke("proxy_on_context_create", Some(id), Phase::Root, t, |s| {
                 f.call(s, (id as i32, 0))
@@ -605,7 +608,7 @@ impl Vm {
                 f.call(s, (id as i32, vm_config_len))
             })? == 0
         {
-            return Err(StartError::VmStartRejected);
+            return Err(StartError::VmStartRejected(said(self)));
         }
         if let Some(f) = &e.validate_configuration
             && self.invoke(
@@ -616,14 +619,14 @@ impl Vm {
                 |s| f.call(s, (id as i32, config_len)),
             )? == 0
         {
-            return Err(StartError::ConfigurationInvalid);
+            return Err(StartError::ConfigurationInvalid(said(self)));
         }
         if let Some(f) = &e.configure
             && self.invoke("proxy_on_configure", Some(id), Phase::Configure, t, |s| {
                 f.call(s, (id as i32, config_len))
             })? == 0
         {
-            return Err(StartError::ConfigureRejected);
+            return Err(StartError::ConfigureRejected(said(self)));
         }
         Ok(())
     }
@@ -1099,5 +1102,13 @@ impl Vm {
                 f.call(s, (root_context_id as i32, function_id as i32, n))
             },
         )
+    }
+}
+
+/// ` (the module said: "…")` when the module logged an error before refusing.
+fn said(message: &Option<String>) -> String {
+    match message {
+        Some(m) => format!(" (the module said: {m:?})"),
+        None => String::new(),
     }
 }

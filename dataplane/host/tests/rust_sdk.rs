@@ -117,7 +117,12 @@ fn invalid_plugin_configuration_is_rejected_by_on_configure() {
             ..Default::default()
         })
         .unwrap_err();
-    assert!(matches!(err, StartError::ConfigureRejected), "{err}");
+    assert!(matches!(err, StartError::ConfigureRejected(_)), "{err}");
+    // The refusal carries the module's own explanation, for the operator's status.
+    assert!(
+        err.to_string().contains("invalid plugin configuration"),
+        "{err}"
+    );
     assert!(
         logs.contains(LogLevel::Error, "invalid plugin configuration"),
         "{:?}",
