@@ -288,6 +288,11 @@ fn write_report(rows: &[Row], changes: usize) -> anyhow::Result<()> {
          RSS per dataplane is the operator process's RSS growth from 0 to N connected dataplanes, \
          divided by N.\n\n"
     ));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    md.push_str(&format!(
+        "Load average when the report was written (other work on the machine skews latencies): {}.\n\n",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    ));
     md.push_str("| N | initial sync (connect + snapshot + Ack, all N) | change → Ack p50 | p99 | max | last Ack recorded | operator RSS per dataplane | snapshot bytes per change (all N) | per dataplane |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         md.push_str(&format!(
