@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 // Used inside the #[x_kube(...)] attributes, which the unused-imports lint does not see into.
 #[allow(unused_imports)]
 use kube::core::{ListMerge, MapMerge, Reason, Rule};
@@ -478,6 +478,15 @@ pub struct WasmFilterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataplanes: Option<DataplaneStatus>,
 
+    /// What the dataplanes running this filter report about it, summed over them. Refreshed
+    /// at most once every 10 seconds (a change of the rollout or of a condition is written at
+    /// once and carries the latest figures), and only when a figure changed. Counts are totals
+    /// since each reporting dataplane started running the filter, so they drop when a dataplane
+    /// restarts or leaves. Absent while no dataplane reports the filter. The operator's
+    /// /metrics has the same figures per filter, without the delay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<ReportedStats>,
+
     /// Conditions, by type: Resolved (the module was fetched and matches its sha256),
     /// Ready (every selected dataplane runs the current module and configuration) and
     /// Degraded (some selected dataplanes rejected it, or a newer spec is not deployable
@@ -526,6 +535,41 @@ pub struct DataplaneStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub failures: Vec<DataplaneFailure>,
+}
+
+/// A filter's figures, summed over the dataplanes that report it. Counts are totals since
+/// each reporting dataplane started running the filter: they drop when a dataplane restarts or
+/// stops reporting (it left, or no longer runs the filter).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportedStats {
+    /// Dataplanes whose latest report (sent every few seconds) includes this filter.
+    pub dataplanes: i32,
+
+    /// Requests the filter ran on.
+    pub invocations: i64,
+
+    /// Traps and callback timeouts: each one failed the request it happened on, by the
+    /// filter's failurePolicy.
+    pub traps: i64,
+
+    /// Requests that skipped this filter because it could not run (failurePolicy FailOpen).
+    pub fail_open_skips: i64,
+
+    /// Requests refused with a 503 because this filter could not run (failurePolicy
+    /// FailClosed).
+    pub fail_closed: i64,
+
+    /// VMs of this filter rebuilt after a failure.
+    pub vm_restarts: i64,
+
+    /// Mean wall-clock time of one proxy-wasm callback of this filter, as a duration like
+    /// 152µs, 1.5ms or 2.00s. Absent while no callback has run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_callback_latency: Option<String>,
+
+    /// When the operator last wrote these figures.
+    pub updated_at: Time,
 }
 
 /// One dataplane's rejection.

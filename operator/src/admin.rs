@@ -6,7 +6,11 @@
 //!   503 otherwise, with the reason in the body. The Service in front of the gRPC port uses
 //!   this probe, so dataplane streams only ever reach the leader.
 //! - `/metrics`: the controller's counters ([`Metrics`]), the control plane's totals and
-//!   per-filter dataplane stats summed over dataplanes (labels `namespace`, `filter`).
+//!   per-filter dataplane stats summed over the dataplanes whose latest report includes the
+//!   filter (labels `namespace`, `filter`): invocations, traps, fail-open skips, fail-closed
+//!   refusals, VM restarts, the callback latency histogram, and every metric the module defined
+//!   as `wasmfilter_operator_filter_module_metric{namespace, filter, name, kind, <its labels>}`.
+//!   Read at scrape time from the control plane; a dataplane that leaves drops out of the sums.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,12 +22,16 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use std::collections::BTreeMap;
+
+use wasmfilter_api::control::FilterStats;
 
 use crate::control::ControlPlane;
 
@@ -209,58 +217,208 @@ impl Collector for ControlCollector {
             )?)?;
         }
 
-        // Per filter, summed over the dataplanes that report it.
-        let mut per_filter: std::collections::BTreeMap<FilterLabels, [u64; 4]> = Default::default();
-        for (_, s) in self.0.all_stats() {
-            let (namespace, filter) = s
-                .name
-                .split_once('/')
-                .map(|(n, f)| (n.to_string(), f.to_string()))
-                .unwrap_or_else(|| (String::new(), s.name.clone()));
-            let e = per_filter
-                .entry(FilterLabels { namespace, filter })
-                .or_default();
-            e[0] += s.invocations;
-            e[1] += s.traps;
-            e[2] += s.fail_open_skips;
-            e[3] += s.fail_closed;
-        }
-        for (i, (name, help)) in [
-            (
-                "filter_invocations",
-                "Requests a filter ran on, summed over dataplanes",
-            ),
-            (
-                "filter_traps",
-                "Traps and callback timeouts of a filter, summed over dataplanes",
-            ),
-            (
-                "filter_fail_open_skips",
-                "Requests that skipped a FailOpen filter that could not run",
-            ),
-            (
-                "filter_fail_closed",
-                "Requests refused (503) because a FailClosed filter could not run",
-            ),
+        encode_filter_stats(&self.0.all_stats(), &mut encoder)
+    }
+}
+
+/// Per filter, summed over the dataplanes whose latest report includes it.
+#[derive(Debug, Default)]
+struct FilterTotals {
+    counters: [u64; 5],
+    latency_sum: f64,
+    latency_count: u64,
+    /// (upper bound, cumulative count); None once two dataplanes disagree on the bounds
+    /// (then only the +Inf bucket is exported).
+    latency_buckets: Option<Vec<(f64, u64)>>,
+    seen: bool,
+}
+
+/// The per-filter counters, in the order of `FilterTotals::counters`: (name, help).
+const FILTER_COUNTERS: [(&str, &str); 5] = [
+    (
+        "filter_invocations",
+        "Requests a filter ran on, summed over dataplanes",
+    ),
+    (
+        "filter_traps",
+        "Traps and callback timeouts of a filter, summed over dataplanes",
+    ),
+    (
+        "filter_fail_open_skips",
+        "Requests that skipped a FailOpen filter that could not run, summed over dataplanes",
+    ),
+    (
+        "filter_fail_closed",
+        "Requests refused (503) because a FailClosed filter could not run, summed over dataplanes",
+    ),
+    (
+        "filter_vm_restarts",
+        "VMs of a filter rebuilt after a failure, summed over dataplanes",
+    ),
+];
+
+/// `namespace/name` as labels (a name without a namespace keeps an empty one).
+fn filter_labels(name: &str) -> FilterLabels {
+    let (namespace, filter) = name
+        .split_once('/')
+        .map(|(n, f)| (n.to_string(), f.to_string()))
+        .unwrap_or_else(|| (String::new(), name.to_string()));
+    FilterLabels { namespace, filter }
+}
+
+/// A label name Prometheus accepts: `[a-zA-Z_][a-zA-Z0-9_]*`; the labels the operator sets
+/// itself get a `module_` prefix, so a module's label never overwrites them.
+fn module_label_name(key: &str) -> String {
+    let mut name: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+        name.insert(0, '_');
+    }
+    if matches!(
+        name.as_str(),
+        "namespace" | "filter" | "name" | "kind" | "le"
+    ) {
+        name.insert_str(0, "module_");
+    }
+    name
+}
+
+/// prometheus-client writes label values as given: quotes, backslashes and newlines from a
+/// module are escaped here (the OpenMetrics rules).
+fn escape_label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Encodes every filter's figures (summed over dataplanes, labels `namespace` and `filter`)
+/// and every metric a module defined (summed per name, kind and labels).
+fn encode_filter_stats(
+    stats: &[(String, FilterStats)],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::metrics::MetricType;
+    use wasmfilter_api::control::module_metric::Kind;
+
+    let mut per_filter: BTreeMap<FilterLabels, FilterTotals> = BTreeMap::new();
+    // (namespace, filter, name, kind, sorted labels) → summed value.
+    type ModuleKey = (FilterLabels, String, &'static str, Vec<(String, String)>);
+    let mut module: BTreeMap<ModuleKey, i64> = BTreeMap::new();
+    for (_, s) in stats {
+        let labels = filter_labels(&s.name);
+        let t = per_filter.entry(labels.clone()).or_default();
+        for (i, v) in [
+            s.invocations,
+            s.traps,
+            s.fail_open_skips,
+            s.fail_closed,
+            s.vm_restarts,
         ]
         .into_iter()
         .enumerate()
         {
-            if per_filter.is_empty() {
-                continue;
-            }
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for (labels, values) in &per_filter {
-                ConstCounter::new(values[i]).encode(family.encode_family(labels)?)?;
-            }
+            t.counters[i] = t.counters[i].saturating_add(v);
         }
-        Ok(())
+        t.latency_sum += s.latency_sum_seconds;
+        t.latency_count = t.latency_count.saturating_add(s.latency_count);
+        let buckets: Option<Vec<(f64, u64)>> = (s.latency_bounds.len() == s.latency_buckets.len())
+            .then(|| {
+                s.latency_bounds
+                    .iter()
+                    .copied()
+                    .zip(s.latency_buckets.iter().copied())
+                    .collect()
+            });
+        t.latency_buckets = match (t.seen, t.latency_buckets.take(), buckets) {
+            (false, _, b) => b,
+            (true, Some(mut sum), Some(b))
+                if sum.len() == b.len() && sum.iter().zip(&b).all(|(x, y)| x.0 == y.0) =>
+            {
+                sum.iter_mut()
+                    .zip(&b)
+                    .for_each(|(x, y)| x.1 = x.1.saturating_add(y.1));
+                Some(sum)
+            }
+            _ => None,
+        };
+        t.seen = true;
+        for m in &s.module_metrics {
+            let kind = match Kind::try_from(m.kind) {
+                Ok(Kind::Counter) => "counter",
+                Ok(Kind::Gauge) => "gauge",
+                Ok(Kind::Histogram) => "histogram",
+                Err(_) => continue,
+            };
+            let mut extra: Vec<(String, String)> = m
+                .labels
+                .iter()
+                .map(|(k, v)| (module_label_name(k), escape_label_value(v)))
+                .collect();
+            extra.sort();
+            let e = module
+                .entry((labels.clone(), escape_label_value(&m.name), kind, extra))
+                .or_default();
+            *e = e.saturating_add(m.value);
+        }
     }
+    if per_filter.is_empty() {
+        return Ok(());
+    }
+    for (i, (name, help)) in FILTER_COUNTERS.into_iter().enumerate() {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, t) in &per_filter {
+            ConstCounter::new(t.counters[i]).encode(family.encode_family(labels)?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "filter_callback_latency_seconds",
+        "Wall-clock time of a filter's proxy-wasm callbacks, summed over dataplanes (the \
+         buckets are those the dataplanes report, when they all report the same ones)",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (labels, t) in &per_filter {
+        // prometheus-client takes per-bucket counts and accumulates them itself.
+        let mut buckets = Vec::new();
+        let mut previous = 0u64;
+        for (bound, cumulative) in t.latency_buckets.iter().flatten() {
+            buckets.push((*bound, cumulative.saturating_sub(previous)));
+            previous = *cumulative;
+        }
+        buckets.push((f64::MAX, t.latency_count.saturating_sub(previous)));
+        family
+            .encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(t.latency_sum, t.latency_count, &buckets, None)?;
+    }
+    if !module.is_empty() {
+        let mut family = encoder.encode_descriptor(
+            "filter_module_metric",
+            "Metrics a filter's module defined (proxy_define_metric), summed over dataplanes: \
+             label name is the module's metric name, kind its type (a histogram's value is its \
+             sample count), the other labels the module's own",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((labels, name, kind, extra), value) in &module {
+            let mut all: Vec<(&str, &str)> = vec![
+                ("namespace", labels.namespace.as_str()),
+                ("filter", labels.filter.as_str()),
+                ("name", name.as_str()),
+                ("kind", kind),
+            ];
+            all.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            ConstGauge::new(*value).encode(family.encode_family(&all)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// What the admin server answers from.
@@ -356,6 +514,110 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scrape(control: &Arc<ControlPlane>) -> String {
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(
+            &mut body,
+            &Metrics::default().registry(Some(control.clone())),
+        )
+        .unwrap();
+        body
+    }
+
+    /// What a scrape of /metrics shows after two dataplanes reported a filter.
+    #[test]
+    fn a_scrape_shows_each_filters_stats_summed_over_dataplanes() {
+        use wasmfilter_api::control::{ModuleMetric, module_metric::Kind};
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlPlane::new(Arc::new(
+            wasmfilter_oci::ModuleCache::open(dir.path()).unwrap(),
+        ));
+        assert!(
+            !scrape(&control).contains("filter_invocations"),
+            "no stats, no series"
+        );
+        let metric = |name: &str, kind: Kind, value: i64, labels: &[(&str, &str)]| ModuleMetric {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            kind: kind as i32,
+            value,
+        };
+        let report = |n: u64, buckets: [u64; 2], module_metrics| FilterStats {
+            name: "team-a/auth".into(),
+            revision: "r1".into(),
+            invocations: 100 * n,
+            traps: n,
+            fail_open_skips: 2 * n,
+            fail_closed: 3 * n,
+            vm_restarts: 4 * n,
+            latency_bounds: vec![0.001, 0.01],
+            latency_buckets: buckets.to_vec(),
+            latency_count: 10 * n,
+            latency_sum_seconds: 0.5 * n as f64,
+            module_metrics,
+        };
+        control.report_stats(
+            "node-a",
+            vec![report(
+                1,
+                [4, 9],
+                vec![
+                    metric("denied", Kind::Counter, 5, &[("reason", "no \"token\"")]),
+                    metric("inflight", Kind::Gauge, 2, &[]),
+                ],
+            )],
+        );
+        control.report_stats(
+            "node-b",
+            vec![report(
+                2,
+                [15, 19],
+                vec![
+                    metric("denied", Kind::Counter, 7, &[("reason", "no \"token\"")]),
+                    metric("denied", Kind::Counter, 1, &[("reason", "expired")]),
+                    metric("size", Kind::Histogram, 6, &[("name", "x")]),
+                ],
+            )],
+        );
+        let body = scrape(&control);
+        let l = r#"{namespace="team-a",filter="auth"}"#;
+        for line in [
+            format!("wasmfilter_operator_filter_invocations_total{l} 300"),
+            format!("wasmfilter_operator_filter_traps_total{l} 3"),
+            format!("wasmfilter_operator_filter_fail_open_skips_total{l} 6"),
+            format!("wasmfilter_operator_filter_fail_closed_total{l} 9"),
+            format!("wasmfilter_operator_filter_vm_restarts_total{l} 12"),
+            format!("wasmfilter_operator_filter_callback_latency_seconds_sum{l} 1.5"),
+            format!("wasmfilter_operator_filter_callback_latency_seconds_count{l} 30"),
+            r#"wasmfilter_operator_filter_callback_latency_seconds_bucket{le="0.001",namespace="team-a",filter="auth"} 19"#.into(),
+            r#"wasmfilter_operator_filter_callback_latency_seconds_bucket{le="0.01",namespace="team-a",filter="auth"} 28"#.into(),
+            r#"wasmfilter_operator_filter_callback_latency_seconds_bucket{le="+Inf",namespace="team-a",filter="auth"} 30"#.into(),
+            r#"wasmfilter_operator_filter_module_metric{namespace="team-a",filter="auth",name="denied",kind="counter",reason="expired"} 1"#.into(),
+            r#"wasmfilter_operator_filter_module_metric{namespace="team-a",filter="auth",name="denied",kind="counter",reason="no \"token\""} 12"#.into(),
+            r#"wasmfilter_operator_filter_module_metric{namespace="team-a",filter="auth",name="inflight",kind="gauge"} 2"#.into(),
+            r#"wasmfilter_operator_filter_module_metric{namespace="team-a",filter="auth",name="size",kind="histogram",module_name="x"} 6"#.into(),
+        ] {
+            assert!(
+                body.lines().any(|b| b == line),
+                "{line} missing from:\n{body}"
+            );
+        }
+
+        // A dataplane that leaves drops out of the sums.
+        let session = control.connect("node-b", Default::default());
+        control.disconnect("node-b", session);
+        let body = scrape(&control);
+        assert!(
+            body.contains(&format!(
+                "wasmfilter_operator_filter_invocations_total{l} 100\n"
+            )),
+            "{body}"
+        );
+    }
 
     #[test]
     fn ready_needs_the_lease_and_the_initial_list() {

@@ -9,6 +9,7 @@
 //!                                        → ControlPlane::publish → status::compute
 //!                                        → server-side apply of status → Events on transitions
 //!  ControlPlane::subscribe_rollouts ──► reconcile_on (acks, nacks, dataplanes coming and going)
+//!  every stats_interval: filters whose summed stats changed ──► reconcile_on
 //! ```
 //!
 //! Contracts:
@@ -31,8 +32,17 @@
 //! - Status is written by server-side apply with the field manager [`FIELD_MANAGER`], only
 //!   when it differs from the status this process wrote last (or, the first time, from the
 //!   object's).
+//! - `status.stats` (the dataplanes' figures, summed) never causes more than one status write
+//!   per filter per [`Config::stats_interval`] (10 s): a status that differs only in its stats
+//!   waits until the interval has passed since the filter's previous write (the reconcile
+//!   requeues itself for then); any other change is written at once, with the latest stats.
+//!   The control plane does not announce new stats, so every interval the filters whose stats
+//!   changed are reconciled (published ones not in retry backoff).
+//! - `module.url` is downloaded by the operator (`url.rs`), checked against `module.sha256`
+//!   and as a module, once per generation, like an IfNotPresent image.
 
 pub mod status;
+pub mod url;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -48,12 +58,13 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::broadcast;
+use wasmfilter_api::control::FilterStats;
 use wasmfilter_api::crd::{self, SpecError, WasmFilter, WasmFilterStatus};
 use wasmfilter_api::{FilterLimits, LabelSelector, ModuleLocation, RequestMatch};
 use wasmfilter_oci::{Credentials, ResolveError, Resolver, credentials_from_dockerconfigjson};
 
 use crate::admin::{Health, Metrics, ReasonLabel, ResultLabel};
-use crate::control::ControlPlane;
+use crate::control::{ControlPlane, StatsSummary};
 use crate::index::{FilterKey, FilterVersion};
 use status::{EventKind, Failure, Resolution, reason};
 
@@ -73,6 +84,11 @@ pub struct Config {
     /// Triggers for one object within this window become one reconcile (dataplanes
     /// acknowledging one after the other make one status write, not one each).
     pub debounce: Duration,
+    /// Status writes caused by a change of the dataplanes' stats alone: at most one per
+    /// filter per this interval, counted from the filter's previous status write. Also how
+    /// often published filters are checked for changed stats (the control plane does not
+    /// announce them).
+    pub stats_interval: Duration,
     /// `reportingInstance` of Events (the pod name).
     pub instance: Option<String>,
     pub metrics: Metrics,
@@ -87,6 +103,7 @@ impl Default for Config {
             retry_base: Duration::from_secs(5),
             concurrency: 8,
             debounce: Duration::from_millis(500),
+            stats_interval: Duration::from_secs(10),
             instance: None,
             metrics: Metrics::default(),
             health: Arc::default(),
@@ -142,8 +159,10 @@ struct FilterState {
     resolution: Option<CachedResolution>,
     /// The module of the version this process published for it.
     published: Option<crd::ResolvedModule>,
-    /// The status this process wrote last.
+    /// The status this process wrote last (or found already in place).
     written: Option<WasmFilterStatus>,
+    /// When this process last wrote the status, for the stats rate limit.
+    last_write: Option<Instant>,
     /// Consecutive failed reconciles, for the retry backoff.
     failures: u32,
 }
@@ -227,7 +246,10 @@ impl Context {
             // Only spec changes (and new objects) trigger from the watch: the status this
             // controller writes would otherwise re-trigger each reconcile once.
             .predicate_filter(predicates::generation, Default::default());
-        let triggers = rollout_triggers(self.control.subscribe_rollouts(), reader.clone());
+        let triggers = futures_util::stream::select(
+            rollout_triggers(self.control.subscribe_rollouts(), reader.clone()),
+            stats_triggers(self.clone()),
+        );
         let config = kube::runtime::controller::Config::default()
             .concurrency(self.config.concurrency)
             .debounce(self.config.debounce);
@@ -283,6 +305,32 @@ impl Context {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "WasmFilter watch failed; retrying"),
         }
+    }
+
+    /// The filters whose stats, as `status.stats` would show them now, differ from the ones
+    /// this process wrote last: published filters that are not waiting for a retry (a failing
+    /// one gets its stats on its next retry, so stats never cut its backoff short). One pass
+    /// over the reported stats, whatever the number of filters.
+    fn stats_changed(&self) -> Vec<ObjectRef<WasmFilter>> {
+        let mut summaries: HashMap<String, StatsSummary> = HashMap::new();
+        for (_, f) in self.control.all_stats() {
+            add_stats(summaries.entry(f.name.clone()).or_default(), &f);
+        }
+        let epoch = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let none = StatsSummary::default();
+        self.filters
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| s.published.is_some() && s.failures == 0)
+            .filter(|(key, s)| {
+                let summary = summaries.get(&key.to_string()).unwrap_or(&none);
+                let written = s.written.as_ref().and_then(|w| w.stats.as_ref());
+                let current = status::reported_stats(summary, None, &epoch);
+                !status::same_figures(written, current.as_ref())
+            })
+            .map(|(key, _)| ObjectRef::new(&key.name).within(&key.namespace))
+            .collect()
     }
 
     /// A WasmFilter is gone (or being deleted): take it off every dataplane.
@@ -383,25 +431,11 @@ impl Context {
                 always_pull,
                 sha256,
             } => (reference, pull_secret, *always_pull, sha256),
-            ModuleLocation::Url { .. } => {
-                return Err(Failure {
-                    reason: reason::UNSUPPORTED_SOURCE,
-                    message: "module.url is not supported by this operator version: publish the \
-                              module to an OCI registry (wasmfilter-operator push FILE \
-                              REGISTRY/REPOSITORY:TAG) and set module.image instead"
-                        .into(),
-                    transient: false,
-                });
+            ModuleLocation::Url { url, sha256 } => {
+                return self.url_module(key, uid, generation, url, sha256).await;
             }
         };
-        let reusable = self.with_state(key, uid, |s| {
-            s.resolution
-                .as_ref()
-                .filter(|c| c.generation == generation)
-                .filter(|c| !always_pull || c.at.elapsed() < self.config.refresh_interval)
-                .map(|c| c.module.clone())
-        });
-        if let Some(module) = reusable {
+        if let Some(module) = self.cached_resolution(key, uid, generation, always_pull) {
             self.config.metrics.resolution_cache_hits.inc();
             return Ok(module);
         }
@@ -426,13 +460,7 @@ impl Context {
                     resolved_from: m.resolved_from,
                     size: i64::try_from(m.bytes.len()).unwrap_or(i64::MAX),
                 };
-                self.with_state(key, uid, |s| {
-                    s.resolution = Some(CachedResolution {
-                        generation,
-                        at: Instant::now(),
-                        module: module.clone(),
-                    })
-                });
+                self.remember_resolution(key, uid, generation, &module);
                 Ok(module)
             }
             Err(e) => {
@@ -441,6 +469,80 @@ impl Context {
                 Err(failure)
             }
         }
+    }
+
+    /// The module of a `module.url` source: this generation's earlier download, else a
+    /// download checked against the pin (see [`url`]).
+    async fn url_module(
+        &self,
+        key: &FilterKey,
+        uid: &str,
+        generation: i64,
+        location: &str,
+        sha256: &str,
+    ) -> Result<crd::ResolvedModule, Failure> {
+        if let Some(module) = self.cached_resolution(key, uid, generation, false) {
+            self.config.metrics.resolution_cache_hits.inc();
+            return Ok(module);
+        }
+        let started = Instant::now();
+        let result = url::download(self.resolver.cache(), location, sha256).await;
+        self.config
+            .metrics
+            .pull_duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(d) => {
+                self.pull_result("resolved");
+                let module = crd::ResolvedModule {
+                    digest: d.digest,
+                    manifest_digest: None,
+                    resolved_from: location.to_string(),
+                    size: i64::try_from(d.size).unwrap_or(i64::MAX),
+                };
+                self.remember_resolution(key, uid, generation, &module);
+                Ok(module)
+            }
+            Err(e) => {
+                let failure = url::url_failure(&e, location);
+                self.pull_result(failure.reason);
+                Err(failure)
+            }
+        }
+    }
+
+    /// This generation's earlier resolution, when it may be reused (with `always_pull`, only
+    /// within the refresh interval).
+    fn cached_resolution(
+        &self,
+        key: &FilterKey,
+        uid: &str,
+        generation: i64,
+        always_pull: bool,
+    ) -> Option<crd::ResolvedModule> {
+        self.with_state(key, uid, |s| {
+            s.resolution
+                .as_ref()
+                .filter(|c| c.generation == generation)
+                .filter(|c| !always_pull || c.at.elapsed() < self.config.refresh_interval)
+                .map(|c| c.module.clone())
+        })
+    }
+
+    fn remember_resolution(
+        &self,
+        key: &FilterKey,
+        uid: &str,
+        generation: i64,
+        module: &crd::ResolvedModule,
+    ) {
+        self.with_state(key, uid, |s| {
+            s.resolution = Some(CachedResolution {
+                generation,
+                at: Instant::now(),
+                module: module.clone(),
+            })
+        });
     }
 
     fn pull_result(&self, result: &str) {
@@ -587,10 +689,16 @@ pub async fn reconcile(obj: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action
         }
     };
 
-    let (published, written) =
-        ctx.with_state(&key, &uid, |s| (s.published.clone(), s.written.clone()));
+    let (published, written, last_write) = ctx.with_state(&key, &uid, |s| {
+        (s.published.clone(), s.written.clone(), s.last_write)
+    });
     let published = published.filter(|_| ctx.control.is_published(&key));
     let rollout = ctx.control.rollout(&key);
+    let stats = if published.is_some() {
+        ctx.control.stats_summary(&key)
+    } else {
+        Default::default()
+    };
     let previous = written.or_else(|| obj.status.clone());
     let (new_status, events) = status::compute(&status::Input {
         generation,
@@ -598,37 +706,55 @@ pub async fn reconcile(obj: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action
         resolution: &resolution,
         published: published.as_ref(),
         rollout: &rollout,
+        stats: &stats,
         now: now(),
     });
-    if previous.as_ref() != Some(&new_status) {
-        let api: Api<WasmFilter> = Api::namespaced(ctx.client.clone(), &key.namespace);
-        let patch = serde_json::json!({
-            "apiVersion": "wasmfilter.dev/v1alpha1",
-            "kind": "WasmFilter",
-            "status": new_status,
-        });
-        match api
-            .patch_status(
-                &key.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
-            Ok(_) => ctx.with_state(&key, &uid, |s| s.written = Some(new_status)),
-            Err(kube::Error::Api(e)) if e.code == 404 => {
-                ctx.forget(&key);
-                return Ok(Action::await_change());
-            }
-            Err(source) => {
-                ctx.config
-                    .metrics
-                    .reconcile_errors
-                    .get_or_create(&ReasonLabel {
-                        reason: "StatusWriteFailed".into(),
-                    })
-                    .inc();
-                return Err(Error::Status { key, source });
+    // Only a change of stats, too soon after the previous write: look again when it is due.
+    let mut stats_due = None;
+    match status::write_decision(
+        previous.as_ref(),
+        &new_status,
+        last_write,
+        Instant::now(),
+        ctx.config.stats_interval,
+    ) {
+        status::Write::Unchanged => ctx.with_state(&key, &uid, |s| s.written = Some(new_status)),
+        status::Write::After(delay) => stats_due = Some(delay),
+        status::Write::Now => {
+            let api: Api<WasmFilter> = Api::namespaced(ctx.client.clone(), &key.namespace);
+            let patch = serde_json::json!({
+                "apiVersion": "wasmfilter.dev/v1alpha1",
+                "kind": "WasmFilter",
+                "status": new_status,
+            });
+            match api
+                .patch_status(
+                    &key.name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+            {
+                // Timed after the API server answered, so the next stats write is at least
+                // stats_interval after this one arrived.
+                Ok(_) => ctx.with_state(&key, &uid, |s| {
+                    s.written = Some(new_status);
+                    s.last_write = Some(Instant::now());
+                }),
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    ctx.forget(&key);
+                    return Ok(Action::await_change());
+                }
+                Err(source) => {
+                    ctx.config
+                        .metrics
+                        .reconcile_errors
+                        .get_or_create(&ReasonLabel {
+                            reason: "StatusWriteFailed".into(),
+                        })
+                        .inc();
+                    return Err(Error::Status { key, source });
+                }
             }
         }
     }
@@ -636,7 +762,7 @@ pub async fn reconcile(obj: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action
         ctx.publish_event(&obj, e).await;
     }
 
-    match resolution {
+    let requeue = match resolution {
         Resolution::Resolved { .. } => {
             let always = matches!(
                 ModuleLocation::try_from(&obj.spec.module),
@@ -645,26 +771,25 @@ pub async fn reconcile(obj: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action
                     ..
                 })
             );
-            Ok(if always {
-                Action::requeue(ctx.config.refresh_interval)
-            } else {
-                Action::await_change()
-            })
+            always.then_some(ctx.config.refresh_interval)
         }
-        Resolution::Failed(f) if f.transient => Err(Error::Transient {
-            key,
-            reason: f.reason,
-            message: f.message,
-        }),
-        // Only an edit of the spec can fix these.
-        Resolution::Failed(f)
-            if f.reason == reason::INVALID_SPEC || f.reason == reason::UNSUPPORTED_SOURCE =>
-        {
-            Ok(Action::await_change())
+        Resolution::Failed(f) if f.transient => {
+            return Err(Error::Transient {
+                key,
+                reason: f.reason,
+                message: f.message,
+            });
         }
-        // A pull secret, a tag or a registry's permissions may be fixed without an edit.
-        Resolution::Failed(_) => Ok(Action::requeue(ctx.retry_after(&key))),
-    }
+        // Only an edit of the spec can fix it.
+        Resolution::Failed(f) if f.reason == reason::INVALID_SPEC => None,
+        // A pull secret, a tag, a registry's permissions or a URL may be fixed without an edit.
+        Resolution::Failed(_) => Some(ctx.retry_after(&key)),
+    };
+    Ok(match (requeue, stats_due) {
+        (Some(a), Some(b)) => Action::requeue(a.min(b)),
+        (Some(d), None) | (None, Some(d)) => Action::requeue(d),
+        (None, None) => Action::await_change(),
+    })
 }
 
 /// Retries a failed reconcile with per-object exponential backoff.
@@ -695,6 +820,33 @@ fn rollout_triggers(
         Some((futures_util::stream::iter(refs), (rx, store)))
     })
     .flatten()
+}
+
+/// Every `stats_interval`, the filters whose stats changed ([`Context::stats_changed`]). The
+/// reconcile they trigger writes them, or waits until the rate limit allows it.
+fn stats_triggers(ctx: Arc<Context>) -> impl Stream<Item = ObjectRef<WasmFilter>> + Send + 'static {
+    let period = ctx.config.stats_interval.max(Duration::from_millis(100));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures_util::stream::unfold((ticks, ctx), |(mut ticks, ctx)| async move {
+        ticks.tick().await;
+        let refs = ctx.stats_changed();
+        Some((futures_util::stream::iter(refs), (ticks, ctx)))
+    })
+    .flatten()
+}
+
+/// Adds one dataplane's report of a filter to its summary, as [`ControlPlane::stats_summary`]
+/// does (a unit test holds the two together).
+fn add_stats(s: &mut StatsSummary, f: &FilterStats) {
+    s.dataplanes += 1;
+    s.invocations += f.invocations;
+    s.traps += f.traps;
+    s.fail_open_skips += f.fail_open_skips;
+    s.fail_closed += f.fail_closed;
+    s.vm_restarts += f.vm_restarts;
+    s.latency_count += f.latency_count;
+    s.latency_sum_seconds += f.latency_sum_seconds;
 }
 
 /// The dataplanes' VM sharing key: empty stays empty (a VM of its own); anything else is
@@ -804,6 +956,33 @@ pub fn resolve_failure(e: &ResolveError, reference: &str, pull_secret: Option<&s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stats_trigger_sums_like_the_control_plane() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlPlane::new(Arc::new(
+            wasmfilter_oci::ModuleCache::open(dir.path()).unwrap(),
+        ));
+        let report = |name: &str, n: u64| FilterStats {
+            name: name.into(),
+            invocations: n,
+            traps: n + 1,
+            fail_open_skips: n + 2,
+            fail_closed: n + 3,
+            vm_restarts: n + 4,
+            latency_count: n + 5,
+            latency_sum_seconds: n as f64 / 8.0,
+            ..Default::default()
+        };
+        control.report_stats("node-a", vec![report("ns/f", 1), report("ns/g", 7)]);
+        control.report_stats("node-b", vec![report("ns/f", 10)]);
+        let mut ours = StatsSummary::default();
+        for (_, f) in control.all_stats().iter().filter(|(_, f)| f.name == "ns/f") {
+            add_stats(&mut ours, f);
+        }
+        assert_eq!(ours, control.stats_summary(&FilterKey::new("ns", "f")));
+        assert_eq!(ours.dataplanes, 2);
+    }
 
     #[test]
     fn vm_ids_are_scoped_to_the_namespace() {

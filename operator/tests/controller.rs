@@ -32,17 +32,17 @@ struct Env {
 }
 
 async fn env(reg: &TestRegistry) -> Env {
-    env_with(reg, Config::default()).await
+    env_with(Some(reg), Config::default()).await
 }
 
-async fn env_with(reg: &TestRegistry, config: Config) -> Env {
+async fn env_with(reg: Option<&TestRegistry>, config: Config) -> Env {
     let api = FakeApiServer::start().await;
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(ModuleCache::open(cache_dir.path()).unwrap());
     let resolver = Arc::new(Resolver::new(
         cache.clone(),
         ResolverConfig {
-            insecure_registries: vec![reg.host()],
+            insecure_registries: reg.map(|r| r.host()).into_iter().collect(),
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_secs(10),
             ..Default::default()
@@ -568,7 +568,7 @@ async fn the_running_controller_recovers_reports_rollouts_and_withdraws_deleted_
         ..Default::default()
     };
     let health = config.health.clone();
-    let env = env_with(&reg, config).await;
+    let env = env_with(Some(&reg), config).await;
     let image = push(&reg, "filters/hello:v1", module(), Credentials::Anonymous).await;
     reg.stop();
     env.api.put_filter(filter(
@@ -623,6 +623,311 @@ async fn the_running_controller_recovers_reports_rollouts_and_withdraws_deleted_
         !env.control.is_published(&FilterKey::new("team-a", "hello"))
     })
     .await;
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the controller stops on the shutdown signal")
+        .unwrap();
+}
+
+/// A file server on loopback: path → (status, body); counts the requests per path.
+struct FileServer {
+    addr: std::net::SocketAddr,
+    hits: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+}
+
+impl FileServer {
+    async fn start(files: BTreeMap<&'static str, (u16, Vec<u8>)>) -> FileServer {
+        use http_body_util::Full;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let files = Arc::new(files);
+        let hits: Arc<std::sync::Mutex<BTreeMap<String, usize>>> = Arc::default();
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (files, hits) = (files.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let path = req.uri().path().to_string();
+                        *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+                        let (code, body) = files
+                            .get(path.as_str())
+                            .cloned()
+                            .unwrap_or((404, b"not found".to_vec()));
+                        let resp = http::Response::builder()
+                            .status(code)
+                            .body(Full::new(bytes::Bytes::from(body)))
+                            .unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
+        FileServer { addr, hits }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+fn hex_of(digest: &str) -> String {
+    digest.trim_start_matches("sha256:").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_url_is_downloaded_checked_against_its_sha256_and_published() {
+    let env = env_with(None, Config::default()).await;
+    let bytes = module();
+    let digest = sha256_digest(&bytes);
+    let files = FileServer::start(BTreeMap::from([
+        ("/filters/hello.wasm", (200, bytes.clone())),
+        ("/filters/changed.wasm", (200, b"\0asm\x01\0\0\0".to_vec())),
+        ("/filters/broken.wasm", (500, b"oops".to_vec())),
+    ]))
+    .await;
+
+    // The right bytes: resolved, cached, published.
+    let url = files.url("/filters/hello.wasm");
+    env.api.put_filter(filter(
+        "team-a",
+        "hello",
+        json!({"module": {"url": url, "sha256": hex_of(&digest)}}),
+    ));
+    env.reconcile("team-a", "hello").await.unwrap();
+    let status = env.status("team-a", "hello");
+    let (resolved, reason, message) = cond(&status, "Resolved");
+    assert_eq!(
+        (resolved.as_str(), reason.as_str()),
+        ("True", "Resolved"),
+        "{message}"
+    );
+    assert_eq!(status["module"]["digest"], digest.as_str());
+    assert_eq!(status["module"]["resolvedFrom"], url.as_str());
+    assert_eq!(status["module"]["size"], bytes.len());
+    assert!(status["module"].get("manifestDigest").is_none(), "{status}");
+    let chain = env.chain();
+    assert_eq!(chain.len(), 1);
+    assert_eq!(chain[0].module_digest, digest);
+    assert_eq!(
+        env.control
+            .modules()
+            .get(&digest)
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        bytes.as_slice(),
+        "the dataplanes fetch it from the operator's cache"
+    );
+    // Once per generation.
+    env.reconcile("team-a", "hello").await.unwrap();
+    assert_eq!(files.hits("/filters/hello.wasm"), 1);
+
+    // Other bytes behind the URL: DigestMismatch, naming both digests and the URL.
+    let changed = files.url("/filters/changed.wasm");
+    env.api.put_filter(filter(
+        "team-a",
+        "changed",
+        json!({"module": {"url": changed, "sha256": hex_of(&digest)}}),
+    ));
+    env.reconcile("team-a", "changed").await.unwrap();
+    let (resolved, reason, message) = cond(&env.status("team-a", "changed"), "Resolved");
+    assert_eq!(
+        (resolved.as_str(), reason.as_str()),
+        ("False", "DigestMismatch")
+    );
+    assert!(
+        message.contains(&digest)
+            && message.contains(&sha256_digest(b"\0asm\x01\0\0\0"))
+            && message.contains(&changed)
+            && message.contains("fix module.sha256"),
+        "{message}"
+    );
+
+    // 404 and 500: DownloadFailed naming the URL and the status; a 500 is retried.
+    let missing = files.url("/filters/missing.wasm");
+    env.api.put_filter(filter(
+        "team-a",
+        "missing",
+        json!({"module": {"url": missing, "sha256": hex_of(&digest)}}),
+    ));
+    env.reconcile("team-a", "missing").await.unwrap();
+    let (_, reason, message) = cond(&env.status("team-a", "missing"), "Resolved");
+    assert_eq!(reason, "DownloadFailed");
+    assert!(
+        message.contains(&missing) && message.contains("404 Not Found"),
+        "{message}"
+    );
+    assert!(message.contains("check module.url"), "{message}");
+    let broken = files.url("/filters/broken.wasm");
+    env.api.put_filter(filter(
+        "team-a",
+        "broken",
+        json!({"module": {"url": broken, "sha256": hex_of(&digest)}}),
+    ));
+    let err = env.reconcile("team-a", "broken").await.unwrap_err();
+    assert_eq!(err.metric_label(), "DownloadFailed");
+    let (_, reason, message) = cond(&env.status("team-a", "broken"), "Resolved");
+    assert_eq!(reason, "DownloadFailed");
+    assert!(
+        message.contains(&broken) && message.contains("500"),
+        "{message}"
+    );
+
+    // Nothing listens: DownloadFailed, transient.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = format!("http://{}/f.wasm", closed.local_addr().unwrap());
+    drop(closed);
+    env.api.put_filter(filter(
+        "team-a",
+        "gone",
+        json!({"module": {"url": gone, "sha256": hex_of(&digest)}}),
+    ));
+    assert!(env.reconcile("team-a", "gone").await.is_err());
+    let (_, reason, message) = cond(&env.status("team-a", "gone"), "Resolved");
+    assert_eq!(reason, "DownloadFailed");
+    assert!(
+        message.contains(&gone) && message.contains("cannot download"),
+        "{message}"
+    );
+
+    let published: Vec<FilterKey> = env.chain().into_iter().map(|v| v.key).collect();
+    assert_eq!(published, [FilterKey::new("team-a", "hello")]);
+}
+
+fn stats(name: &str, invocations: u64) -> wasmfilter_api::control::FilterStats {
+    wasmfilter_api::control::FilterStats {
+        name: name.into(),
+        invocations,
+        traps: 1,
+        latency_count: invocations,
+        latency_sum_seconds: invocations as f64 * 0.000_2,
+        ..Default::default()
+    }
+}
+
+/// The stats rate limit through the whole controller: stats reported many times within the
+/// interval make at most one status write, no sooner than the interval after the previous
+/// write; a rollout change right after is written at once. (The interval is 3 s here instead
+/// of the default 10 s, to keep the test short; the unit test in controller/status.rs uses 10.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_reach_status_at_most_once_per_interval_and_rollouts_at_once() {
+    const INTERVAL: Duration = Duration::from_secs(3);
+    let config = Config {
+        stats_interval: INTERVAL,
+        debounce: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let env = env_with(None, config).await;
+    let bytes = module();
+    let digest = sha256_digest(&bytes);
+    let files = FileServer::start(BTreeMap::from([("/f.wasm", (200, bytes))])).await;
+    env.api.put_filter(filter(
+        "team-a",
+        "hello",
+        json!({"module": {"url": files.url("/f.wasm"), "sha256": hex_of(&digest)}}),
+    ));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(env.ctx.clone().run(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    eventually("published", || env.chain().len() == 1).await;
+    let revision = env.control.chain_for(&BTreeMap::new())[0].1.clone();
+    let mut sessions = BTreeMap::new();
+    for node in ["node-a", "node-b"] {
+        sessions.insert(node, env.control.connect(node, BTreeMap::new()));
+        env.control.acknowledge(
+            node,
+            &BTreeMap::from([("team-a/hello".to_string(), revision.clone())]),
+            &BTreeMap::new(),
+        );
+    }
+    eventually("Ready on 2 dataplanes", || {
+        let s = env.status("team-a", "hello");
+        s["dataplanes"]["ready"] == 2 && cond(&s, "Ready").1 == "RolledOut"
+    })
+    .await;
+    let before = env.api.timed_status_patches("team-a", "hello").len();
+    let ready_write = env.api.timed_status_patches("team-a", "hello")[before - 1].0;
+
+    // 10 reports from each dataplane within a second (well within the interval).
+    let first_report = std::time::Instant::now();
+    for i in 1..=10u64 {
+        env.control
+            .report_stats("node-a", vec![stats("team-a/hello", 10 * i)]);
+        env.control
+            .report_stats("node-b", vec![stats("team-a/hello", 5 * i)]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reporting = first_report.elapsed();
+    assert!(reporting < INTERVAL - Duration::from_secs(1));
+    eventually("the summed stats in status", || {
+        env.status("team-a", "hello")["stats"]["invocations"] == 150
+    })
+    .await;
+    // Give a second write, if there were one, the time to happen.
+    tokio::time::sleep(INTERVAL + Duration::from_millis(500)).await;
+    let patches = env.api.timed_status_patches("team-a", "hello");
+    let stats_writes = &patches[before..];
+    assert_eq!(
+        stats_writes.len(),
+        1,
+        "20 reports within {INTERVAL:?} make one status write: {stats_writes:#?}"
+    );
+    let (at, body) = &stats_writes[0];
+    assert!(
+        *at >= ready_write + INTERVAL,
+        "the stats write came {:?} after the previous write, before the {INTERVAL:?} interval",
+        *at - ready_write
+    );
+    eprintln!(
+        "stats write {:?} after the previous status write (20 reports in {reporting:?})",
+        *at - ready_write
+    );
+    let mut without_stats = body["status"].clone();
+    without_stats.as_object_mut().unwrap().remove("stats");
+    let mut ready_status = patches[before - 1].1["status"].clone();
+    ready_status.as_object_mut().unwrap().remove("stats");
+    assert_eq!(without_stats, ready_status, "only the stats changed");
+    let st = &env.status("team-a", "hello")["stats"];
+    assert_eq!(st["dataplanes"], 2);
+    assert_eq!(st["invocations"], 150);
+    assert_eq!(st["traps"], 2);
+    assert_eq!(st["failClosed"], 0);
+    assert_eq!(st["meanCallbackLatency"], "200µs");
+    assert!(st["updatedAt"].as_str().unwrap().ends_with('Z'), "{st}");
+
+    // A dataplane leaves right after the stats write: written at once, with its stats gone.
+    let left = std::time::Instant::now();
+    env.control.disconnect("node-b", sessions["node-b"]);
+    eventually("selected: 1", || {
+        env.status("team-a", "hello")["dataplanes"]["selected"] == 1
+    })
+    .await;
+    let (at, body) = env
+        .api
+        .timed_status_patches("team-a", "hello")
+        .pop()
+        .unwrap();
+    assert!(
+        at - left < INTERVAL / 2,
+        "a rollout change waited {:?}",
+        at - left
+    );
+    eprintln!("rollout write {:?} after the dataplane left", at - left);
+    assert_eq!(body["status"]["stats"]["dataplanes"], 1);
+    assert_eq!(body["status"]["stats"]["invocations"], 100);
 
     stop_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(10), run)

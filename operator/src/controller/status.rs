@@ -11,18 +11,22 @@
 //!
 //! | type | True | False (reason) |
 //! |---|---|---|
-//! | Resolved | the current spec's module resolved, matched its sha256 and compiled (`Resolved`) | why not: `InvalidSpec`, `PullSecretNotFound`, `PullSecretMissingRegistry`, `PullSecretInvalid`, `PullUnauthorized`, `ImageNotFound`, `UnsupportedLayout`, `ModuleTooLarge`, `DigestMismatch`, `InvalidModule`, `RegistryUnavailable`, `ResolveFailed`, `UnsupportedSource` |
+//! | Resolved | the current spec's module resolved, matched its sha256 and compiled (`Resolved`) | why not: `InvalidSpec`, `PullSecretNotFound`, `PullSecretMissingRegistry`, `PullSecretInvalid`, `PullUnauthorized`, `ImageNotFound`, `UnsupportedLayout`, `ModuleTooLarge`, `DigestMismatch`, `InvalidModule`, `RegistryUnavailable`, `ResolveFailed`, `DownloadFailed` (module.url) |
 //! | Ready | every selected dataplane runs the current revision (`RolledOut`) | the resolve failure's reason, `NoDataplanes`, `Progressing`, `DataplanesRejected` |
 //! | Degraded | an older module keeps running because the current spec failed (the failure's reason), or some dataplanes rejected the revision (`DataplanesRejected`) | `AsExpected` |
 //!
 //! `lastTransitionTime` changes only when a condition's status changes. Events are emitted on
 //! transitions only (a reconcile that finds the same state emits nothing).
 
+use std::time::{Duration, Instant};
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use wasmfilter_api::crd::{
-    DataplaneFailure, DataplaneStatus, MAX_REPORTED_FAILURES, ResolvedModule, WasmFilterStatus,
+    DataplaneFailure, DataplaneStatus, MAX_REPORTED_FAILURES, ReportedStats, ResolvedModule,
+    WasmFilterStatus,
 };
 
+use crate::control::StatsSummary;
 use crate::index::Rollout;
 
 pub const RESOLVED: &str = "Resolved";
@@ -33,7 +37,7 @@ pub const DEGRADED: &str = "Degraded";
 pub mod reason {
     pub const RESOLVED: &str = "Resolved";
     pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const UNSUPPORTED_SOURCE: &str = "UnsupportedSource";
+    pub const DOWNLOAD_FAILED: &str = "DownloadFailed";
     pub const PULL_SECRET_NOT_FOUND: &str = "PullSecretNotFound";
     pub const PULL_SECRET_MISSING_REGISTRY: &str = "PullSecretMissingRegistry";
     pub const PULL_SECRET_INVALID: &str = "PullSecretInvalid";
@@ -88,6 +92,8 @@ pub struct Input<'a> {
     pub published: Option<&'a ResolvedModule>,
     /// The published revision's rollout (default when nothing is published).
     pub rollout: &'a Rollout,
+    /// The filter's latest stats, summed over the dataplanes that report it.
+    pub stats: &'a StatsSummary,
     pub now: Time,
 }
 
@@ -116,6 +122,7 @@ pub fn compute(input: &Input<'_>) -> (WasmFilterStatus, Vec<EventSpec>) {
         resolution,
         published,
         rollout,
+        stats,
         now,
     } = input;
     let prev_conditions: &[Condition] = previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]);
@@ -254,10 +261,104 @@ pub fn compute(input: &Input<'_>) -> (WasmFilterStatus, Vec<EventSpec>) {
             observed_generation: Some(*generation),
             module: published.cloned(),
             dataplanes,
+            stats: reported_stats(stats, previous.and_then(|p| p.stats.as_ref()), now),
             conditions,
         },
         events,
     )
+}
+
+/// `status.stats` for `summary`: None while no dataplane reports the filter. When the figures
+/// are those of `previous`, `previous` itself (its `updatedAt` kept), so unchanged stats never
+/// make a status differ.
+pub fn reported_stats(
+    summary: &StatsSummary,
+    previous: Option<&ReportedStats>,
+    now: &Time,
+) -> Option<ReportedStats> {
+    if summary.dataplanes == 0 {
+        return None;
+    }
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let stats = ReportedStats {
+        dataplanes: clamp(summary.dataplanes),
+        invocations: count(summary.invocations),
+        traps: count(summary.traps),
+        fail_open_skips: count(summary.fail_open_skips),
+        fail_closed: count(summary.fail_closed),
+        vm_restarts: count(summary.vm_restarts),
+        mean_callback_latency: mean_latency(summary.latency_sum_seconds, summary.latency_count),
+        updated_at: now.clone(),
+    };
+    match previous {
+        Some(p) if same_figures(Some(p), Some(&stats)) => Some(p.clone()),
+        _ => Some(stats),
+    }
+}
+
+/// Whether two `status.stats` say the same, whatever their `updatedAt`.
+pub fn same_figures(a: Option<&ReportedStats>, b: Option<&ReportedStats>) -> bool {
+    let strip = |s: &ReportedStats| ReportedStats {
+        updated_at: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        ..s.clone()
+    };
+    a.map(strip) == b.map(strip)
+}
+
+/// A mean callback latency as a Go-style duration: `152µs` below a millisecond, `1.5ms` below
+/// a second, `2.00s` above. None when no callback was counted.
+pub fn mean_latency(sum_seconds: f64, count: u64) -> Option<String> {
+    if count == 0 || !sum_seconds.is_finite() || sum_seconds < 0.0 {
+        return None;
+    }
+    let mean = sum_seconds / count as f64;
+    Some(if mean < 1e-3 {
+        format!("{}µs", (mean * 1e6).round() as u64)
+    } else if mean < 1.0 {
+        format!("{:.1}ms", mean * 1e3)
+    } else {
+        format!("{mean:.2}s")
+    })
+}
+
+/// What to do with a computed status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// It is the status already written.
+    Unchanged,
+    /// Write it now.
+    Now,
+    /// Only `stats` changed and the previous write is too recent: look again after this long
+    /// (nothing is written meanwhile).
+    After(Duration),
+}
+
+/// The stats rate limit: a status that differs from the one written last only in `stats` is
+/// written no sooner than `interval` after that write; any other difference (rollout counts,
+/// conditions, module) is written at once, with the latest stats. `last_write` is when this
+/// process last wrote the filter's status (None: never, e.g. since it started). The clock is
+/// the caller's, so this is deterministic.
+pub fn write_decision(
+    written: Option<&WasmFilterStatus>,
+    new: &WasmFilterStatus,
+    last_write: Option<Instant>,
+    now: Instant,
+    interval: Duration,
+) -> Write {
+    if written == Some(new) {
+        return Write::Unchanged;
+    }
+    let without_stats = |s: &WasmFilterStatus| WasmFilterStatus {
+        stats: None,
+        ..s.clone()
+    };
+    if written.map(without_stats) != Some(without_stats(new)) {
+        return Write::Now;
+    }
+    match last_write.map(|t| t + interval) {
+        Some(due) if due > now => Write::After(due - now),
+        _ => Write::Now,
+    }
 }
 
 fn rollout_condition(revision: &str, r: &Rollout) -> Condition {
@@ -454,6 +555,7 @@ mod tests {
             resolution,
             published,
             rollout,
+            stats: &StatsSummary::default(),
             now: at(now),
         })
     }
@@ -692,6 +794,124 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(EventKind::Warning, "DigestMismatch")]
         );
+    }
+
+    fn summary(dataplanes: u32, invocations: u64) -> StatsSummary {
+        StatsSummary {
+            dataplanes,
+            invocations,
+            traps: 2,
+            fail_open_skips: 1,
+            fail_closed: 3,
+            vm_restarts: 1,
+            latency_count: 4,
+            latency_sum_seconds: 0.000_608,
+        }
+    }
+
+    #[test]
+    fn stats_are_summed_figures_whose_time_moves_only_when_they_change() {
+        assert_eq!(reported_stats(&StatsSummary::default(), None, &at(1)), None);
+        let s = reported_stats(&summary(2, 10), None, &at(1)).unwrap();
+        assert_eq!(
+            s,
+            ReportedStats {
+                dataplanes: 2,
+                invocations: 10,
+                traps: 2,
+                fail_open_skips: 1,
+                fail_closed: 3,
+                vm_restarts: 1,
+                mean_callback_latency: Some("152µs".into()),
+                updated_at: at(1),
+            }
+        );
+        // Same figures later: the previous stats, time kept.
+        assert_eq!(
+            reported_stats(&summary(2, 10), Some(&s), &at(9)),
+            Some(s.clone())
+        );
+        // New figures: new time.
+        let s2 = reported_stats(&summary(2, 11), Some(&s), &at(9)).unwrap();
+        assert_eq!((s2.invocations, s2.updated_at.clone()), (11, at(9)));
+        // Every dataplane gone: no stats.
+        assert_eq!(
+            reported_stats(&StatsSummary::default(), Some(&s2), &at(10)),
+            None
+        );
+    }
+
+    #[test]
+    fn mean_latency_reads_like_a_duration() {
+        assert_eq!(mean_latency(0.0, 0), None);
+        assert_eq!(mean_latency(0.000_152, 1).as_deref(), Some("152µs"));
+        assert_eq!(mean_latency(0.003, 2).as_deref(), Some("1.5ms"));
+        assert_eq!(mean_latency(4.0, 2).as_deref(), Some("2.00s"));
+        assert_eq!(mean_latency(f64::NAN, 2), None);
+    }
+
+    /// The rate limit with a clock of our own: stats alone write at most once per interval
+    /// after the previous write; anything else writes at once.
+    #[test]
+    fn stats_alone_write_at_most_once_per_interval_and_other_changes_at_once() {
+        const TEN: Duration = Duration::from_secs(10);
+        let m = module("aa");
+        let r = resolved("aa", "r1");
+        let with_stats = |prev: Option<&WasmFilterStatus>, ro: &Rollout, st: &StatsSummary, now| {
+            compute(&Input {
+                generation: 1,
+                previous: prev,
+                resolution: &r,
+                published: Some(&m),
+                rollout: ro,
+                stats: st,
+                now: at(now),
+            })
+            .0
+        };
+        let t0 = Instant::now();
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        let ready = rollout(2, 2, 0);
+
+        // The first status: written at once.
+        let s0 = with_stats(None, &ready, &summary(2, 0), 0);
+        assert_eq!(write_decision(None, &s0, None, t0, TEN), Write::Now);
+        let mut written = s0;
+        let mut last_write = t0;
+
+        // A report every second for 25 s, each with new figures: writes at 10 s and 20 s only.
+        let mut writes = Vec::new();
+        for n in 1..=25 {
+            let s = with_stats(Some(&written), &ready, &summary(2, n * 100), n as i64);
+            match write_decision(Some(&written), &s, Some(last_write), secs(n), TEN) {
+                Write::Now => {
+                    writes.push(n);
+                    written = s;
+                    last_write = secs(n);
+                }
+                Write::After(d) => assert_eq!(last_write + TEN, secs(n) + d, "due 10 s after"),
+                Write::Unchanged => panic!("figures changed at {n}"),
+            }
+        }
+        assert_eq!(writes, [10, 20]);
+        assert_eq!(written.stats.as_ref().unwrap().invocations, 2000);
+
+        // The same figures again: nothing to write, whenever.
+        let same = with_stats(Some(&written), &ready, &summary(2, 2000), 21);
+        assert_eq!(
+            write_decision(Some(&written), &same, Some(last_write), secs(21), TEN),
+            Write::Unchanged
+        );
+
+        // A rollout change 1 s after a stats write: written at once, with the latest stats.
+        let progressing = rollout(3, 2, 0);
+        let s = with_stats(Some(&written), &progressing, &summary(3, 2500), 21);
+        assert_eq!(
+            write_decision(Some(&written), &s, Some(last_write), secs(21), TEN),
+            Write::Now
+        );
+        assert_eq!(s.stats.as_ref().unwrap().invocations, 2500);
+        assert_eq!(s.dataplanes.as_ref().unwrap().selected, 3);
     }
 
     #[test]

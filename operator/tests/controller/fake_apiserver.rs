@@ -29,6 +29,8 @@ pub struct Recorded {
     pub path: String,
     pub query: String,
     pub body: Value,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -193,6 +195,16 @@ impl FakeApiServer {
             .collect()
     }
 
+    /// The status applies to one WasmFilter with their arrival times, in order.
+    pub fn timed_status_patches(&self, ns: &str, name: &str) -> Vec<(std::time::Instant, Value)> {
+        let path = format!("{WF_PREFIX}/namespaces/{ns}/wasmfilters/{name}/status");
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == Method::PATCH && r.path == path)
+            .map(|r| (r.at, r.body))
+            .collect()
+    }
+
     /// Events created (POST) about any object, in order.
     pub fn events(&self) -> Vec<Value> {
         self.requests()
@@ -223,6 +235,7 @@ impl FakeApiServer {
             path: path.clone(),
             query: query.clone(),
             body: body.clone(),
+            at: std::time::Instant::now(),
         });
         if let Some(code) = inner.fail_all {
             return status(
