@@ -530,6 +530,10 @@ fn a_dataplane_that_stops_reading_never_holds_up_the_others() {
             header(dp.proxy_addr, "x-team").as_deref() == Some(value.as_str())
         });
     }
+    // The Ack of the last change may still be on its way after the chain swapped.
+    wait_for("the last change to be acknowledged", || {
+        cp.rollout(&key).ready == 1
+    });
     let r = cp.rollout(&key);
     assert_eq!(
         (r.selected, r.ready),
