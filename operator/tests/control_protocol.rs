@@ -255,8 +255,9 @@ fn snapshots_reach_selected_dataplanes_config_changes_ship_no_bytes_and_bad_filt
     assert!(
         r.failures[0]
             .1
-            .contains("proxy_on_configure returned false"),
-        "{:?}",
+            .contains("proxy_on_configure returned false")
+            && r.failures[0].1.contains("invalid plugin configuration"),
+        "the failure names the callback and the module's own words: {:?}",
         r.failures
     );
     assert_eq!(cp.rollout(&key).ready, 2, "the good filter stays ready");
