@@ -587,3 +587,281 @@ pub fn yaml_documents(text: &str) -> anyhow::Result<Vec<serde_json::Value>> {
     }
     Ok(docs)
 }
+
+// ---- the project's own binaries, run as local processes -----------------------------------
+
+/// Environment variables naming prebuilt `wasmfilter-operator` and `wasmfilter-dataplane`
+/// binaries; without them, [`workspace_binaries`] builds them with cargo.
+pub const OPERATOR_ENV: &str = "WASMFILTER_E2E_OPERATOR";
+pub const DATAPLANE_ENV: &str = "WASMFILTER_E2E_DATAPLANE";
+
+/// The operator and dataplane binaries of this workspace.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub operator: PathBuf,
+    pub dataplane: PathBuf,
+}
+
+/// The workspace's `wasmfilter-operator` and `wasmfilter-dataplane`: the files
+/// `WASMFILTER_E2E_OPERATOR` and `WASMFILTER_E2E_DATAPLANE` name (`cargo xtask ci` points them
+/// at the ones `cargo test --workspace` built before running any test), or else built for the
+/// profile and target directory of the running test binary with `cargo build -p … --bin …`
+/// (a no-op when fresh). Once per process.
+pub fn workspace_binaries() -> anyhow::Result<Binaries> {
+    static BUILT: OnceLock<Result<Binaries, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_binaries().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_binaries() -> anyhow::Result<Binaries> {
+    if let (Some(operator), Some(dataplane)) = (
+        std::env::var_os(OPERATOR_ENV),
+        std::env::var_os(DATAPLANE_ENV),
+    ) {
+        let binaries = Binaries {
+            operator: operator.into(),
+            dataplane: dataplane.into(),
+        };
+        for (var, path) in [
+            (OPERATOR_ENV, &binaries.operator),
+            (DATAPLANE_ENV, &binaries.dataplane),
+        ] {
+            if !path.is_file() {
+                bail!("{var}: {} does not exist", path.display());
+            }
+        }
+        return Ok(binaries);
+    }
+    // The test binary is TARGET_DIR/PROFILE_DIR/deps/NAME-HASH.
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .with_context(|| format!("{} is not in a cargo target directory", exe.display()))?;
+    let target_dir = profile_dir.parent().context("no target directory")?;
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(name) => name,
+        None => bail!("{} has no profile directory", exe.display()),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let started = Instant::now();
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo_root())
+        .args(["build", "--profile", profile, "--target-dir"])
+        .arg(target_dir)
+        .args([
+            "-p",
+            "wasmfilter-operator",
+            "-p",
+            "wasmfilter-dataplane",
+            "--bin",
+            "wasmfilter-operator",
+            "--bin",
+            "wasmfilter-dataplane",
+        ]);
+    let out = Output::run(cmd, None);
+    if !out.success() {
+        bail!("building the operator and dataplane binaries:\n{out}");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "e2e: operator and dataplane binaries ready after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Binaries {
+        operator: profile_dir.join("wasmfilter-operator"),
+        dataplane: profile_dir.join("wasmfilter-dataplane"),
+    })
+}
+
+/// A loopback port that was free a moment ago (for a process that must keep its port across
+/// restarts, such as the operator's gRPC listener the dataplanes dial).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a loopback port")
+}
+
+/// A child process whose standard output and error go to a log file; killed (SIGKILL) when
+/// dropped.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `cmd` with its output appended to `log` (kept across restarts, so the file tells
+    /// the whole story).
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Process> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let mut header = file.try_clone()?;
+        writeln!(header, "==== {name}: {cmd:?}")?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(Process {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the process (and its earlier runs) printed.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the log, for panic messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Whether the process has exited (reaping it if so).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Polls the log until `find` returns something, up to `timeout`; fails early, with the
+    /// log, if the process exits.
+    pub fn wait_for_log<T>(
+        &mut self,
+        timeout: Duration,
+        mut find: impl FnMut(&str) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = find(&self.log()) {
+                return Ok(found);
+            }
+            if let Some(status) = self.exited() {
+                bail!(
+                    "{} exited ({status}); its log:\n{}",
+                    self.name,
+                    self.log_tail(60)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not print what was awaited within {timeout:?}; its log:\n{}",
+                    self.name,
+                    self.log_tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An HTTP/1.1 response as a client sees it (header names lower-cased).
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` over a new connection to `addr` (`127.0.0.1:PORT`), `connection: close`, with a
+/// 10 s timeout. A plain client on purpose: what it reports is what went over the wire.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<HttpResponse> {
+    use std::io::Read;
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: flow.test\r\nuser-agent: wasmfilter-e2e\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading the response from {addr}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{addr} answered no complete response head: {text:?}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("{addr} answered no status line: {head:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// Calls `check` every 100 ms until it returns `Ok`, for at most `timeout`; then panics with
+/// `what` and the last error. For conditions that become true eventually (a rollout, a status).
+#[track_caller]
+pub fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match check() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() > deadline => {
+                panic!("{what}: not within {timeout:?} ({attempts} attempts); last:\n{last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}

@@ -89,7 +89,22 @@ fn ci() -> anyhow::Result<()> {
     // The e2e suite's real API server, kubectl and Helm, built from pinned Go modules and
     // cached by version (the scripts return at once when cached); the tests fail without them
     // when CI=true.
-    let e2e = e2e_tools()?;
+    let mut e2e = e2e_tools()?;
+    // `cargo test --workspace` builds every binary (for its package's own tests) before any
+    // test runs: e2e/tests/flow.rs runs those rather than `cargo build -p` its own, which
+    // resolves features differently and would compile both binaries a second time.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || wasmfilter_testkit::repo_root().join("target"),
+        std::path::PathBuf::from,
+    );
+    e2e.push((
+        "WASMFILTER_E2E_OPERATOR",
+        target.join("debug/wasmfilter-operator"),
+    ));
+    e2e.push((
+        "WASMFILTER_E2E_DATAPLANE",
+        target.join("debug/wasmfilter-dataplane"),
+    ));
     run(Command::new(&cargo)
         .args(["test", "--workspace"])
         .envs(e2e.iter().map(|(k, v)| (*k, v))))?;
