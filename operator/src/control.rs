@@ -58,6 +58,20 @@ pub struct StatsSummary {
     pub latency_sum_seconds: f64,
 }
 
+impl StatsSummary {
+    /// Adds one dataplane's report of the filter.
+    pub fn add(&mut self, f: &FilterStats) {
+        self.dataplanes += 1;
+        self.invocations += f.invocations;
+        self.traps += f.traps;
+        self.fail_open_skips += f.fail_open_skips;
+        self.fail_closed += f.fail_closed;
+        self.vm_restarts += f.vm_restarts;
+        self.latency_count += f.latency_count;
+        self.latency_sum_seconds += f.latency_sum_seconds;
+    }
+}
+
 impl ControlPlane {
     pub fn new(modules: Arc<ModuleCache>) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
@@ -195,14 +209,7 @@ impl ControlPlane {
             if filter != &name {
                 continue;
             }
-            s.dataplanes += 1;
-            s.invocations += f.invocations;
-            s.traps += f.traps;
-            s.fail_open_skips += f.fail_open_skips;
-            s.fail_closed += f.fail_closed;
-            s.vm_restarts += f.vm_restarts;
-            s.latency_count += f.latency_count;
-            s.latency_sum_seconds += f.latency_sum_seconds;
+            s.add(f);
         }
         s
     }

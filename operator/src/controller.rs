@@ -58,7 +58,6 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::broadcast;
-use wasmfilter_api::control::FilterStats;
 use wasmfilter_api::crd::{self, SpecError, WasmFilter, WasmFilterStatus};
 use wasmfilter_api::{FilterLimits, LabelSelector, ModuleLocation, RequestMatch};
 use wasmfilter_oci::{Credentials, ResolveError, Resolver, credentials_from_dockerconfigjson};
@@ -314,7 +313,7 @@ impl Context {
     fn stats_changed(&self) -> Vec<ObjectRef<WasmFilter>> {
         let mut summaries: HashMap<String, StatsSummary> = HashMap::new();
         for (_, f) in self.control.all_stats() {
-            add_stats(summaries.entry(f.name.clone()).or_default(), &f);
+            summaries.entry(f.name.clone()).or_default().add(&f);
         }
         let epoch = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let none = StatsSummary::default();
@@ -836,19 +835,6 @@ fn stats_triggers(ctx: Arc<Context>) -> impl Stream<Item = ObjectRef<WasmFilter>
     .flatten()
 }
 
-/// Adds one dataplane's report of a filter to its summary, as [`ControlPlane::stats_summary`]
-/// does (a unit test holds the two together).
-fn add_stats(s: &mut StatsSummary, f: &FilterStats) {
-    s.dataplanes += 1;
-    s.invocations += f.invocations;
-    s.traps += f.traps;
-    s.fail_open_skips += f.fail_open_skips;
-    s.fail_closed += f.fail_closed;
-    s.vm_restarts += f.vm_restarts;
-    s.latency_count += f.latency_count;
-    s.latency_sum_seconds += f.latency_sum_seconds;
-}
-
 /// The dataplanes' VM sharing key: empty stays empty (a VM of its own); anything else is
 /// scoped to the namespace, so two namespaces never share a VM.
 pub fn scoped_vm_id(namespace: &str, id: &str) -> String {
@@ -956,6 +942,7 @@ pub fn resolve_failure(e: &ResolveError, reference: &str, pull_secret: Option<&s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasmfilter_api::control::FilterStats;
 
     #[test]
     fn the_stats_trigger_sums_like_the_control_plane() {
@@ -978,7 +965,7 @@ mod tests {
         control.report_stats("node-b", vec![report("ns/f", 10)]);
         let mut ours = StatsSummary::default();
         for (_, f) in control.all_stats().iter().filter(|(_, f)| f.name == "ns/f") {
-            add_stats(&mut ours, f);
+            ours.add(f);
         }
         assert_eq!(ours, control.stats_summary(&FilterKey::new("ns", "f")));
         assert_eq!(ours.dataplanes, 2);
