@@ -148,10 +148,18 @@ fn e2e_tools() -> anyhow::Result<Vec<(&'static str, std::path::PathBuf)>> {
     ])
 }
 
-/// Builds the release dataplane and the benchmark runner, then runs every scenario.
+/// The load generator for fixed-rate latency (S2, S6), installed from crates.io once per
+/// version under ~/.cache/wasmfilter/tools. Native TLS (the system OpenSSL) rather than the
+/// default rustls/aws-lc: the benchmarks only use plain HTTP on loopback.
+const OHA_VERSION: &str = "1.16.0";
+
+/// Builds the release dataplane, the benchmark runner, the S8 fan-out binary and the Pingora
+/// peer (its own workspace, bench/pingora-peer), installs oha if needed, then runs every
+/// scenario. `--quick` gives a short run.
 fn bench(args: Vec<String>) -> anyhow::Result<()> {
     ensure_wasm_target()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = wasmfilter_testkit::repo_root();
     run(Command::new(&cargo).args([
         "build",
         "--release",
@@ -163,9 +171,43 @@ fn bench(args: Vec<String>) -> anyhow::Result<()> {
         "wasmfilter-dataplane",
         "--bin",
         "proxy_bench",
+        "--bin",
+        "fanout",
     ]))?;
-    let runner = wasmfilter_testkit::repo_root().join("target/release/proxy_bench");
-    run(Command::new(runner).args(args))
+    run(Command::new(&cargo)
+        .args(["build", "--release", "--locked", "--manifest-path"])
+        .arg(root.join("bench/pingora-peer/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(root.join("target/pingora-peer")))?;
+    let home = std::env::var("HOME").context("HOME is not set")?;
+    let oha_root = std::path::Path::new(&home)
+        .join(".cache/wasmfilter/tools")
+        .join(format!("oha-{OHA_VERSION}"));
+    let oha = oha_root.join("bin/oha");
+    if !oha.exists() {
+        run(Command::new(&cargo)
+            .args([
+                "install",
+                "oha",
+                "--version",
+                OHA_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "native-tls",
+                "--root",
+            ])
+            .arg(&oha_root))?;
+    }
+    let runner = root.join("target/release/proxy_bench");
+    run(Command::new(runner)
+        .args(args)
+        .env(
+            "WASMFILTER_PINGORA_BIN",
+            root.join("target/pingora-peer/release/pingora-peer"),
+        )
+        .env("WASMFILTER_OHA_BIN", &oha)
+        .env("WASMFILTER_FANOUT_BIN", root.join("target/release/fanout")))
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
