@@ -58,7 +58,7 @@ $filters
 CONF
   # Instrumentation starts after the dataplane listens, so compiling and starting the filter
   # are not counted; 200 warm-up requests are not counted either.
-  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/$chain.callgrind" \
+  WASMFILTER_ON_DEMAND_INSTANCES=1 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/$chain.callgrind" \
     "$dp" --config "$out/$chain.yaml" > "$out/$chain.log" 2>&1 &
   vg=$!
   wait_port $proxy
@@ -68,7 +68,7 @@ CONF
   "${OHA:-$HOME/.cache/wasmfilter/tools/oha-1.16.0/bin/oha}" -n "$requests" -c 1 --no-tui --output-format quiet "http://127.0.0.1:$proxy/bench"
   callgrind_control -i off $vg > /dev/null
   kill -TERM $vg; wait $vg || true
-  total=$(grep '^summary:' "$out/$chain.callgrind" | awk '{print $2}')
+  total=$(grep '^totals:' "$out/$chain.callgrind" | awk '{print $2}')
   echo "$chain: $((total / requests)) instructions per request ($total over $requests requests)"
   callgrind_annotate --inclusive=yes "$out/$chain.callgrind" 2>/dev/null | head -60 > "$out/$chain.txt"
   wait_port_free=0; while (exec 3<>/dev/tcp/127.0.0.1/$proxy) 2>/dev/null; do sleep 0.1; wait_port_free=$((wait_port_free + 1)); [ $wait_port_free -lt 100 ] || break; done

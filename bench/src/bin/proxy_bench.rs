@@ -341,6 +341,8 @@ fn oha(oha: &Path, port: u16, seconds: u64, rate: u64) -> anyhow::Result<Run> {
             "-q",
             &rate.to_string(),
             "--latency-correction",
+            // Requests in flight at the deadline finish instead of counting as errors.
+            "-w",
             "--no-tui",
             "--output-format",
             "json",

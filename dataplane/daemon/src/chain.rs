@@ -520,6 +520,15 @@ impl WorkerVms {
         self.generation
     }
 
+    /// The slot of `filter`, found without building a key: this runs for every filter of every
+    /// request, and a `(String, u64)` key would allocate (profile of S3, bench/README.md).
+    fn slot_mut(&mut self, filter: &LoadedFilter) -> Option<&mut Slot> {
+        self.slots
+            .iter_mut()
+            .find(|((name, version), _)| *version == filter.version && *name == filter.name)
+            .map(|(_, slot)| slot)
+    }
+
     /// The VM of `filter` on this worker (`true`: just created), creating it (or re-creating it after a failure,
     /// once its backoff has passed). `Err` carries why there is no VM.
     pub fn get(
@@ -528,6 +537,9 @@ impl WorkerVms {
         filter: &LoadedFilter,
         embedder: &Arc<ClusterNames>,
     ) -> Result<(VmHandle, bool), String> {
+        if let Some(vm) = self.slot_mut(filter).and_then(|s| s.vm.clone()) {
+            return Ok((vm, false));
+        }
         let slot = self
             .slots
             .entry((filter.name.clone(), filter.version))
@@ -567,7 +579,7 @@ impl WorkerVms {
     /// Records a callback failure: the slot's VM is dropped (once its requests finish) and
     /// rebuilt after a backoff.
     pub fn fail(&mut self, filter: &LoadedFilter, vm: &VmHandle, error: &CallbackError) {
-        if let Some(slot) = self.slots.get_mut(&(filter.name.clone(), filter.version))
+        if let Some(slot) = self.slot_mut(filter)
             // A VM already replaced (by a swap or an earlier failure) leaves its successor alone.
             && slot.vm.as_ref().is_some_and(|current| Rc::ptr_eq(current, vm))
         {
@@ -579,7 +591,7 @@ impl WorkerVms {
     }
 
     pub fn succeeded(&mut self, filter: &LoadedFilter) {
-        if let Some(slot) = self.slots.get_mut(&(filter.name.clone(), filter.version))
+        if let Some(slot) = self.slot_mut(filter)
             && slot.failures > 0
         {
             slot.failures = 0;

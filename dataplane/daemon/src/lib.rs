@@ -64,6 +64,10 @@ impl Dataplane {
         let config = Config::load(config_file)?;
         let host = Host::new(HostConfig {
             module_cache_dir: Some(module_cache_dir()),
+            // WASMFILTER_ON_DEMAND_INSTANCES=1: instances without the pooling allocator, whose
+            // terabyte-sized address-space reservation valgrind refuses (bench/scripts/
+            // profile-s3.sh). Instances are made off the request path either way.
+            pooling: std::env::var_os("WASMFILTER_ON_DEMAND_INSTANCES").is_none(),
             ..Default::default()
         })?;
         let metrics = metrics::Metrics::default();

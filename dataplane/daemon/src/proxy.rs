@@ -986,6 +986,17 @@ async fn respond(
             }
         }
     }
+    if running.iter().all(|r| r.skipped || r.ctx == 0) {
+        // Only native filters (header phases only) ran: the body streams through untouched,
+        // with its length, instead of going through the body pipeline.
+        finish_all(&running);
+        let mut head = response_head(&exchange);
+        if let Some(length) = parts.headers.get(http::header::CONTENT_LENGTH) {
+            head.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, length.clone());
+        }
+        return Ok(head.map(|_| body));
+    }
     let head = response_head(&exchange);
     if !has_body {
         finish_all(&running);
