@@ -251,6 +251,11 @@ fn bad_configurations_each_get_one_clear_error() {
         (format!("{base}filters: [{{name: f, native: nope}}]\n"), "unknown native filter \"nope\"; known native filters: header_rewrite"),
         (format!("{base}filters: [{{name: f, native: header_rewrite, module: x.wasm}}]\n"), "set exactly one of module"),
         (format!("{base}filters: [{{name: f, native: header_rewrite, config: \"{{not json\"}}]\n"), "native header_rewrite: header_rewrite: invalid plugin configuration"),
+        (format!("{base}operator: {{address: \"grpc://op:7070\", stateDir: s}}\n"), "operator.address: \"grpc://op:7070\" must start with https://"),
+        (format!("{base}operator: {{address: \"http://op:7070\", stateDir: s}}\n"), "operator.insecure: operator.address is plain http://"),
+        (format!("{base}operator: {{address: \"https://op:7070\", stateDir: s}}\n"), "operator.tls: an https:// operator needs tls"),
+        (format!("{base}operator: {{address: \"http://op:7070\", insecure: true, stateDir: s, statsInterval: 10ms}}\n"), "operator.statsInterval: must be at least 1s"),
+        (format!("{base}operator: {{address: \"http://op:7070\", insecure: true}}\n"), "missing field `stateDir`"),
     ];
     for (i, (yaml, expected)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.yaml"));
