@@ -241,6 +241,9 @@ async fn run_session(
                 let snapshot = Snapshot {
                     version: version + 1,
                     filters: chain.iter().map(|(f, rev)| to_proto(f, rev)).collect(),
+                    // Sessions are served only once the control plane is synced (initial list
+                    // processed, every filter reconciled once), so every snapshot is the whole truth.
+                    complete: true,
                 };
                 let message = ControlMessage {
                     kind: Some(control_message::Kind::Snapshot(snapshot)),

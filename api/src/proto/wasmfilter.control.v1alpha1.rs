@@ -70,6 +70,15 @@ pub struct Snapshot {
     /// In no particular order; the dataplane orders them by phase, priority and name.
     #[prost(message, repeated, tag = "2")]
     pub filters: ::prost::alloc::vec::Vec<Filter>,
+    /// Set by the operator when the snapshot reflects its complete, authoritative view: its first
+    /// list of WasmFilters processed and every listed filter reconciled once. Only such a snapshot
+    /// may remove filters, even every one. A dataplane refuses a snapshot that would remove every
+    /// filter it runs (no filters listed while it runs at least one from the operator) unless
+    /// `complete` is set: it keeps its running chain, does not persist the snapshot, counts the
+    /// refusal, and sends no Ack for it, so the operator's record of what the dataplane runs (its
+    /// last Ack) stays true. Any later snapshot is applied and acknowledged as usual.
+    #[prost(bool, tag = "3")]
+    pub complete: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

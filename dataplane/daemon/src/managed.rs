@@ -95,8 +95,8 @@ impl StateDir {
         let keep: std::collections::HashSet<String> =
             filters.iter().map(|f| f.module_digest.clone()).collect();
         let snapshot = Snapshot {
-            version: 0,
             filters,
+            ..Default::default()
         };
         write_atomically(&self.dir.join("snapshot.pb"), &snapshot.encode_to_vec())?;
         for digest in self.digests() {
