@@ -1,8 +1,9 @@
 #!/bin/sh
 # Brings up what the README's cluster walkthrough needs on this machine, in the background:
 # a real kube-apiserver (built once from pinned Go modules, cached under
-# $HOME/.cache/wasmfilter) and Debian's docker-registry on 127.0.0.1:5000. State lives in
-# target/local; `e2e/local.sh down` stops both.
+# $HOME/.cache/wasmfilter) and the CNCF distribution registry on 127.0.0.1:5000 (built once the
+# same way, by e2e/registry/build.sh). State lives in target/local; `e2e/local.sh down` stops
+# both.
 #
 #   e2e/local.sh up      # prints the KUBECONFIG to export
 #   e2e/local.sh down
@@ -13,8 +14,10 @@ case "${1:-up}" in
 up)
     mkdir -p "$STATE/registry"
     # Built once (about 10 minutes), then cached: prints the binary's path.
-    cluster=$(e2e/cluster/build.sh | tail -n1)
+    cluster=$(e2e/cluster/build.sh)
     kubectl_bin=$(dirname "$cluster")/kubectl-$(basename "$cluster" | sed 's/^cluster-//')
+    # Built once (a few minutes), then cached: prints the binary's path.
+    registry=$(e2e/registry/build.sh)
     if [ ! -f "$STATE/cluster.pid" ] || ! kill -0 "$(cat "$STATE/cluster.pid")" 2>/dev/null; then
         rm -f "$STATE/cluster/ready"
         "$cluster" -dir "$STATE/cluster" >"$STATE/cluster.log" 2>&1 &
@@ -27,7 +30,8 @@ storage: {filesystem: {rootdirectory: $STATE/registry/storage}}
 http: {addr: "127.0.0.1:5000", secret: wasmfilter-local}
 YAML
     if [ ! -f "$STATE/registry.pid" ] || ! kill -0 "$(cat "$STATE/registry.pid")" 2>/dev/null; then
-        docker-registry serve "$STATE/registry/config.yml" >"$STATE/registry.log" 2>&1 &
+        # OTEL_TRACES_EXPORTER=none: it would export traces to localhost:4318 otherwise.
+        OTEL_TRACES_EXPORTER=none "$registry" serve "$STATE/registry/config.yml" >"$STATE/registry.log" 2>&1 &
         echo $! >"$STATE/registry.pid"
     fi
     i=0

@@ -1,13 +1,117 @@
-//! A real OCI registry for tests: Debian's `docker-registry` on a free loopback port, with its
-//! own storage and optional htpasswd auth, stopped when dropped.
+//! A real OCI registry for tests: the CNCF distribution registry (`registry serve CONFIG`),
+//! built from the Go module pinned in `e2e/registry/go.mod` by `e2e/registry/build.sh`, on a
+//! free loopback port with its own storage and optional htpasswd auth, stopped when dropped.
+//!
+//! The binary is the file `WASMFILTER_REGISTRY_BIN` names (`cargo xtask ci` builds it and sets
+//! it), else the build script's cached output,
+//! `$WASMFILTER_CACHE/e2e/registry-<version>/registry`. When it is missing the tests fail under
+//! CI (`CI=true`), saying how to build it; elsewhere the first test that needs it builds it.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+use anyhow::{Context, bail};
+
+/// The variable naming the registry binary to run.
+pub const REGISTRY_BIN_VAR: &str = "WASMFILTER_REGISTRY_BIN";
+/// The build script, relative to the repository root.
+pub const REGISTRY_BUILD_SCRIPT: &str = "e2e/registry/build.sh";
+const REGISTRY_MODULE: &str = "github.com/distribution/distribution/v3";
+
+/// The registry version pinned in `e2e/registry/go.mod`.
+pub fn registry_version() -> anyhow::Result<String> {
+    let go_mod = crate::repo_root().join("e2e/registry/go.mod");
+    let text = std::fs::read_to_string(&go_mod)
+        .with_context(|| format!("reading {}", go_mod.display()))?;
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let first = words.next()?;
+            // `require MODULE VERSION` on one line, or `MODULE VERSION` inside a block.
+            let module = if first == "require" {
+                words.next()?
+            } else {
+                first
+            };
+            (module == REGISTRY_MODULE).then(|| words.next().map(str::to_string))?
+        })
+        .next()
+        .with_context(|| format!("{} requires no {REGISTRY_MODULE}", go_mod.display()))
+}
+
+/// Where `e2e/registry/build.sh` puts the binary by default.
+pub fn cached_registry_bin() -> anyhow::Result<PathBuf> {
+    Ok(crate::cache_dir()
+        .join("e2e")
+        .join(format!("registry-{}", registry_version()?))
+        .join("registry"))
+}
+
+/// Runs `e2e/registry/build.sh` (at once when cached; its progress goes to this process's
+/// stderr) and returns the path it prints.
+pub fn build_registry() -> anyhow::Result<PathBuf> {
+    let script = crate::repo_root().join(REGISTRY_BUILD_SCRIPT);
+    let out = Command::new("sh")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting sh {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}); it needs Go >= 1.24 on PATH and the Go module proxy",
+            script.display(),
+            out.status
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("{} printed no path", script.display()))?;
+    Ok(PathBuf::from(path))
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The registry binary: see the module documentation for where it is looked for.
+pub fn registry_bin() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(REGISTRY_BIN_VAR) {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!(
+                "{REGISTRY_BIN_VAR}={} does not exist; build it with `sh {REGISTRY_BUILD_SCRIPT}` \
+                 (it prints the path), or unset {REGISTRY_BIN_VAR} to use the cached build",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
+    let cached = cached_registry_bin()?;
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    if in_ci() {
+        bail!(
+            "the OCI registry binary is missing: {REGISTRY_BIN_VAR} is not set and {} does not \
+             exist. `cargo xtask ci` builds it before the tests; to build it by hand run \
+             `sh {REGISTRY_BUILD_SCRIPT}`, which puts it there",
+            cached.display()
+        );
+    }
+    build_registry()
+}
+
+/// [`registry_bin`], found (or built) once per process; panics with its error.
+fn registry_bin_once() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| registry_bin().unwrap_or_else(|e| panic!("{e:#}")))
+}
 
 pub struct TestRegistry {
     child: Option<Child>,
@@ -26,11 +130,7 @@ fn free_port() -> u16 {
 impl TestRegistry {
     /// Starts a registry; with `user`, every request needs that user's basic auth.
     pub fn start(user: Option<(&str, &str)>) -> TestRegistry {
-        assert!(
-            Path::new(REGISTRY_BIN).exists(),
-            "{REGISTRY_BIN} not found: these tests need the Debian package docker-registry \
-             (apt-get install -y docker-registry)"
-        );
+        registry_bin_once();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut auth = String::new();
@@ -83,14 +183,17 @@ impl TestRegistry {
     pub fn restart(&mut self) {
         self.stop();
         let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
-        let child = Command::new(REGISTRY_BIN)
+        let bin = registry_bin_once();
+        let child = Command::new(bin)
             .arg("serve")
             .arg(self.dir.path().join("config.yml"))
+            // v3 exports OpenTelemetry traces to localhost:4318 unless told not to.
+            .env("OTEL_TRACES_EXPORTER", "none")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {REGISTRY_BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -103,14 +206,16 @@ impl TestRegistry {
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
-                    "docker-registry exited with {status}: {}",
+                    "the registry ({}) exited with {status}: {}",
+                    bin.display(),
                     std::fs::read_to_string(self.dir.path().join("registry.log"))
                         .unwrap_or_default()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "docker-registry did not answer on port {} within 20s: {}",
+                "the registry ({}) did not answer on port {} within 20s: {}",
+                bin.display(),
                 self.port,
                 std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
             );
