@@ -22,6 +22,8 @@
 //!   size of a value. The API server caps the whole object (etcd's request limit, about
 //!   1.5 MiB); [`MAX_CONFIG_BYTES`] is the cap the operator applies to the serialized form,
 //!   see [`WasmFilterSpec::configuration_bytes`].
+//! - the nesting depth of `config` and `vm.config` (at most [`MAX_CONFIG_DEPTH`]): the
+//!   operator refuses a deeper one on that WasmFilter alone (operator/src/watch.rs).
 //! - IPv6 registry hosts (`[::1]:5000/…`) in `module.image`: the basic reference pattern
 //!   does not accept them.
 
@@ -43,6 +45,12 @@ use crate::{
 /// The largest `config` (or `vm.config`) the operator delivers, serialized: a string as-is,
 /// anything else as JSON. See [`WasmFilterSpec::configuration_bytes`].
 pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
+
+/// The deepest nesting of arrays and objects accepted in `config` and `vm.config`. The API
+/// server admits any depth (no schema or CEL rule can bound a free-form value); the operator
+/// refuses a deeper one with an `InvalidSpec` condition, and reads the object's other fields
+/// without decoding it whole (serde_json, like most JSON decoders, stops at 128 levels).
+pub const MAX_CONFIG_DEPTH: usize = 32;
 
 /// How many failing dataplanes `status.dataplanes.failures` lists at most.
 pub const MAX_REPORTED_FAILURES: usize = 10;
@@ -149,7 +157,8 @@ pub struct WasmFilterSpec {
     /// Plugin configuration, handed to the module's `proxy_on_configure`: a string is passed
     /// as-is, any other JSON value (object, list, number) is passed serialized as JSON. Not
     /// validated here (the module defines its shape); changing it never re-ships the module.
-    /// Its serialized size is capped at 256 KiB by the operator.
+    /// Its serialized size is capped at 256 KiB, and its nesting at 32 levels, by the
+    /// operator (a WasmFilter past either is refused alone, with an InvalidSpec condition).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_json")]
     pub config: Option<serde_json::Value>,
@@ -281,8 +290,8 @@ pub struct VmSpec {
     pub id: String,
 
     /// VM configuration, handed to the module's `proxy_on_vm_start`: a string as-is, any
-    /// other JSON value serialized as JSON. Its serialized size is capped at 256 KiB by the
-    /// operator.
+    /// other JSON value serialized as JSON. Its serialized size is capped at 256 KiB, and its
+    /// nesting at 32 levels, by the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_json")]
     pub config: Option<serde_json::Value>,
@@ -834,6 +843,18 @@ fn configuration_bytes(
     field: &'static str,
     value: Option<&serde_json::Value>,
 ) -> Result<Vec<u8>, SpecError> {
+    if let Some(v) = value {
+        let depth = json_depth(v);
+        if depth > MAX_CONFIG_DEPTH {
+            return Err(spec_error(
+                field,
+                format!(
+                    "is nested {depth} levels deep; at most {MAX_CONFIG_DEPTH} are accepted: \
+                     flatten it, or pass the configuration as a JSON string"
+                ),
+            ));
+        }
+    }
     let bytes = match value {
         None | Some(serde_json::Value::Null) => Vec::new(),
         Some(serde_json::Value::String(s)) => s.clone().into_bytes(),
@@ -849,6 +870,23 @@ fn configuration_bytes(
         ));
     }
     Ok(bytes)
+}
+
+/// Nesting of arrays and objects: a scalar is 0, `{}` and `[]` are 1. Iterative, so a value
+/// of any depth is measured without exhausting the stack.
+fn json_depth(value: &serde_json::Value) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(items) => Box::new(items.iter()),
+            serde_json::Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        max = max.max(depth + 1);
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    max
 }
 
 /// The CRD as the YAML file `crds/wasmfilter.yaml` holds it (and `crdgen` prints).
