@@ -5,8 +5,11 @@
 //! * Plugin configuration (JSON, empty = defaults, every field optional, unknown fields ignored):
 //!   `{"request": {"add": {k: v}, "set": {k: v}, "remove": [k]}, "response": {...same...}}`.
 //!   Defaults: no rules. Invalid JSON: logs an error and `on_configure` returns false.
-//! * `on_configure` logs, before parsing, exactly one message at each level
-//!   trace, debug, info, warn, error: `header_rewrite configured (<level>)`.
+//! * `on_configure` with an empty configuration (no rules, nothing to do) logs exactly one
+//!   message at each level trace, debug, info, warn, error: `header_rewrite configured
+//!   (<level>)`, which the host tests use to check every level arrives. With a valid
+//!   non-empty configuration it logs one info message and nothing else, so a healthy start is
+//!   quiet: `header_rewrite configured (request rules: <n>, response rules: <m>)`.
 //! * `on_vm_start` reads the VM configuration; if non-empty it is kept (UTF-8, lossy).
 //! * Request headers: for each rule set, in this order and in key order within each:
 //!   `add` → `proxy_add_header_map_value`, `set` → `proxy_replace_header_map_value`,
@@ -46,6 +49,12 @@ struct Rules {
     remove: Vec<String>,
 }
 
+impl Rules {
+    fn len(&self) -> usize {
+        self.add.len() + self.set.len() + self.remove.len()
+    }
+}
+
 fn log(level: LogLevel, message: &str) {
     // The SDK panics on any status but OK, so there is no error to handle here.
     let _ = hostcalls::log(level, message);
@@ -69,22 +78,30 @@ impl RootContext for HeaderRewriteRoot {
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        for (level, name) in [
-            (LogLevel::Trace, "trace"),
-            (LogLevel::Debug, "debug"),
-            (LogLevel::Info, "info"),
-            (LogLevel::Warn, "warn"),
-            (LogLevel::Error, "error"),
-        ] {
-            log(level, &format!("header_rewrite configured ({name})"));
-        }
         let raw = self.get_plugin_configuration().unwrap_or_default();
         if raw.iter().all(u8::is_ascii_whitespace) {
+            for (level, name) in [
+                (LogLevel::Trace, "trace"),
+                (LogLevel::Debug, "debug"),
+                (LogLevel::Info, "info"),
+                (LogLevel::Warn, "warn"),
+                (LogLevel::Error, "error"),
+            ] {
+                log(level, &format!("header_rewrite configured ({name})"));
+            }
             self.config = Rc::default();
             return true;
         }
         match serde_json::from_slice::<Config>(&raw) {
             Ok(config) => {
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "header_rewrite configured (request rules: {}, response rules: {})",
+                        config.request.len(),
+                        config.response.len()
+                    ),
+                );
                 self.config = Rc::new(config);
                 true
             }
