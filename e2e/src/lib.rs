@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod local;
+
 /// Environment variables naming the binaries; `cargo xtask ci` sets them after building.
 pub const CLUSTER_ENV: &str = "WASMFILTER_E2E_CLUSTER";
 pub const KUBECTL_ENV: &str = "WASMFILTER_E2E_KUBECTL";

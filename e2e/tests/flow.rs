@@ -12,7 +12,6 @@
 //! get`, `kubectl delete`, HTTP requests through the dataplanes, SIGKILL. One test walks the
 //! steps in order, sharing the processes; each step names itself in its panic messages.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -20,164 +19,35 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use serde_json::Value;
+use wasmfilter_e2e::local::{
+    Dataplane, OPERATOR_SA, RELEASE, SOON, SYSTEM, condition, dataplane_from_chart,
+    expect_condition, get_json, operator_from_chart,
+};
 use wasmfilter_e2e::{
-    Binaries, Cluster, HttpResponse, Process, eventually, free_port, http_get, repo_root,
-    workspace_binaries,
+    Binaries, Cluster, HttpResponse, eventually, http_get, repo_root, workspace_binaries,
 };
 use wasmfilter_testkit::registry::TestRegistry;
 
-const RELEASE: &str = "wasmfilter";
-const SYSTEM: &str = "wasmfilter-system";
-const OPERATOR_SA: &str = "wasmfilter-operator";
 /// The namespace of the filters that run.
 const TEAM_A: &str = "team-a";
 /// The namespace of the filters that cannot be resolved.
 const TEAM_B: &str = "team-b";
-/// How long a rollout or a status update may take (they take well under a few seconds).
-const SOON: Duration = Duration::from_secs(30);
 
 // ---- processes ------------------------------------------------------------------------------
 
-/// How to (re)start a process: program, arguments, environment.
-#[derive(Clone, Debug)]
-struct Recipe {
-    program: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-}
-
-impl Recipe {
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
-        cmd
-    }
-}
-
-/// `wasmfilter-operator run`, as the chart's Deployment runs it.
-struct Operator {
-    recipe: Recipe,
-    admin: String,
-    log: PathBuf,
-    process: Option<Process>,
-}
-
-impl Operator {
-    /// Starts it and waits until it leads and has listed the WasmFilters (`/ready` 200, what
-    /// the chart's readiness probe waits for).
-    fn start(&mut self, step: &str) {
-        assert!(self.process.is_none(), "{step}: the operator already runs");
-        let mut process = Process::spawn("operator", self.recipe.command(), &self.log)
-            .unwrap_or_else(|e| panic!("{step}: {e:#}"));
-        let ready = format!("http://{}/ready", self.admin);
-        let deadline = Instant::now() + SOON;
-        loop {
-            if let Ok(r) = http_get(&self.admin, "/ready")
-                && r.status == 200
-            {
-                break;
-            }
-            if let Some(status) = process.exited() {
-                panic!(
-                    "{step}: the operator exited ({status}):\n{}",
-                    process.log_tail(60)
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{step}: {ready} did not answer 200 within {SOON:?}:\n{}",
-                process.log_tail(60)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.process = Some(process);
-    }
-
-    /// SIGKILL: no goodbye on the streams, no Lease release.
-    fn kill(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            p.kill();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// `wasmfilter-dataplane --config FILE`, as the chart's DaemonSet runs it.
-struct Dataplane {
-    id: String,
-    recipe: Recipe,
-    log: PathBuf,
-    state_dir: PathBuf,
-    process: Option<Process>,
-    proxy: String,
-    admin: String,
-}
-
-impl Dataplane {
-    /// Starts it and waits until its listeners are open (it prints their addresses).
-    fn start(&mut self, step: &str) {
-        assert!(self.process.is_none(), "{step}: {} already runs", self.id);
-        let before = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
-        let mut process = Process::spawn(&self.id, self.recipe.command(), &self.log)
-            .unwrap_or_else(|e| panic!("{step}: {e:#}"));
-        let (proxy, admin) = process
-            .wait_for_log(SOON, |log| {
-                let line = log
-                    .get(before..)?
-                    .lines()
-                    .find(|l| l.starts_with("wasmfilter dataplane listening on "))?;
-                // "… listening on http://A (admin http://B)"
-                let mut urls = line.split("http://").skip(1);
-                let proxy = urls.next()?.split_whitespace().next()?.to_string();
-                let admin = urls.next()?.trim_end_matches(')').to_string();
-                Some((proxy, admin))
-            })
-            .unwrap_or_else(|e| panic!("{step}: {e:#}"));
-        self.proxy = proxy;
-        self.admin = admin;
-        self.process = Some(process);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            p.kill();
-        }
-    }
-
-    fn get(&self) -> Result<HttpResponse, String> {
-        http_get(&self.proxy, "/").map_err(|e| format!("{}: {e:#}", self.id))
-    }
-
-    /// `/config_dump` of the admin listener.
-    fn config_dump(&self) -> Result<Value, String> {
-        let r = http_get(&self.admin, "/config_dump").map_err(|e| format!("{e:#}"))?;
-        serde_json::from_str(&r.body).map_err(|e| format!("{e}: {}", r.body))
-    }
-
-    /// The filters the dataplane's saved snapshot (`stateDir/snapshot.pb`) lists, and the
-    /// modules kept beside it.
-    fn saved_state(&self) -> (Vec<String>, usize) {
-        let bytes = std::fs::read(self.state_dir.join("snapshot.pb")).unwrap_or_default();
-        let snapshot = wasmfilter_api::control::Snapshot::decode(bytes.as_slice())
-            .expect("snapshot.pb decodes");
-        let modules = std::fs::read_dir(self.state_dir.join("modules"))
-            .map(|d| d.count())
-            .unwrap_or(0);
-        (
-            snapshot.filters.into_iter().map(|f| f.name).collect(),
-            modules,
-        )
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
+/// The filters a dataplane's saved snapshot (`stateDir/snapshot.pb`) lists, and the modules
+/// kept beside it.
+fn saved_state(dp: &Dataplane) -> (Vec<String>, usize) {
+    let bytes = std::fs::read(dp.state_dir.join("snapshot.pb")).unwrap_or_default();
+    let snapshot =
+        wasmfilter_api::control::Snapshot::decode(bytes.as_slice()).expect("snapshot.pb decodes");
+    let modules = std::fs::read_dir(dp.state_dir.join("modules"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (
+        snapshot.filters.into_iter().map(|f| f.name).collect(),
+        modules,
+    )
 }
 
 /// What a response through a dataplane says about the filters: (status, x-wasmfilter, x-team).
@@ -212,27 +82,8 @@ fn wait_for_team(step: &str, dp: &Dataplane, team: Option<&str>) -> Duration {
 
 // ---- the cluster side -----------------------------------------------------------------------
 
-fn get_json(cluster: &Cluster, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    let out = cluster.kubectl(&all).ok();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
 fn wasmfilter(cluster: &Cluster, ns: &str, name: &str) -> Value {
     get_json(cluster, &["get", "wasmfilter", name, "-n", ns])
-}
-
-/// (status, reason, message) of a condition.
-fn condition(wf: &Value, type_: &str) -> Option<(String, String, String)> {
-    wf["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .map(|c| {
-            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-            (s("status"), s("reason"), s("message"))
-        })
 }
 
 /// Polls a WasmFilter until `check` accepts it (`Err` says what is still missing).
@@ -254,23 +105,6 @@ fn wait_for_status(
             }
         },
     )
-}
-
-/// Checks that condition `type_` is (status, reason) for the current generation.
-fn expect_condition(wf: &Value, type_: &str, status: &str, reason: &str) -> Result<(), String> {
-    let generation = &wf["metadata"]["generation"];
-    let c = wf["status"]["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
-        .ok_or_else(|| format!("no {type_} condition"))?;
-    if c["status"] == status && c["reason"] == reason && &c["observedGeneration"] == generation {
-        Ok(())
-    } else {
-        Err(format!(
-            "{type_} is {} {} (generation {}), expected {status} {reason} (generation {generation})",
-            c["status"], c["reason"], c["observedGeneration"]
-        ))
-    }
 }
 
 /// The row of `kubectl get wasmfilters -n ns [-o wide]` for `name`, by column title.
@@ -419,11 +253,11 @@ fn wasmfilter_flow_from_kubectl_apply_to_requests() {
     let kubeconfig = cluster
         .service_account_kubeconfig(SYSTEM, OPERATOR_SA)
         .unwrap();
-    let mut operator = operator_from_chart(cluster, &bins, dir, &kubeconfig);
+    let mut operator = operator_from_chart(cluster, &bins, dir, &kubeconfig, "op-1");
     operator.start(step);
     let mut dataplanes: Vec<Dataplane> = [("dp-1", "a"), ("dp-2", "b")]
         .iter()
-        .map(|(id, zone)| dataplane_from_chart(cluster, &bins, dir, &operator, id, zone))
+        .map(|(id, zone)| dataplane_from_chart(cluster, &bins, dir, &operator.grpc(), id, zone))
         .collect();
     for dp in &mut dataplanes {
         dp.start(step);
@@ -838,7 +672,7 @@ fn wasmfilter_flow_from_kubectl_apply_to_requests() {
     let t = Instant::now();
     let step = "7 delete";
     for dp in &dataplanes {
-        let (names, _) = dp.saved_state();
+        let (names, _) = saved_state(dp);
         let expected: &[&str] = if dp.id == "dp-1" {
             &["team-a/hello"]
         } else {
@@ -860,7 +694,7 @@ fn wasmfilter_flow_from_kubectl_apply_to_requests() {
         wait_for_team(step, dp, None);
         eventually(&format!("{step}: {} state directory", dp.id), SOON, || {
             let dump = dp.config_dump()?;
-            let state = dp.saved_state();
+            let state = saved_state(dp);
             (dump["filters"] == serde_json::json!([]) && state == (vec![], 0))
                 .then_some(())
                 .ok_or_else(|| format!("saved {state:?}, running {:#}", dump["filters"]))
@@ -884,122 +718,4 @@ fn wasmfilter_flow_from_kubectl_apply_to_requests() {
         dp.kill();
     }
     eprintln!("flow: total {:.1}s", total.elapsed().as_secs_f64());
-}
-
-/// The operator as the installed chart's Deployment runs it: its args, with the pod's
-/// surroundings replaced (loopback ports, a cache directory, POD_NAME/POD_NAMESPACE), and the
-/// ServiceAccount's kubeconfig.
-fn operator_from_chart(
-    cluster: &Cluster,
-    bins: &Binaries,
-    dir: &Path,
-    kubeconfig: &Path,
-) -> Operator {
-    let deployment = get_json(
-        cluster,
-        &["get", "deployment", "wasmfilter-operator", "-n", SYSTEM],
-    );
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
-    let cache = dir.join("operator-cache");
-    let mut args: Vec<String> = Vec::new();
-    let mut chart_args = container["args"]
-        .as_array()
-        .expect("the operator container has args")
-        .iter()
-        .map(|a| a.as_str().unwrap().to_string());
-    while let Some(arg) = chart_args.next() {
-        let value = match arg.as_str() {
-            "--grpc-listen" => Some(grpc.clone()),
-            "--admin-listen" => Some(admin.clone()),
-            "--cache-dir" => Some(cache.display().to_string()),
-            _ => None,
-        };
-        args.push(arg);
-        if let Some(value) = value {
-            chart_args.next();
-            args.push(value);
-        }
-    }
-    let args = args
-        .into_iter()
-        .map(|a| {
-            a.replace("$(POD_NAMESPACE)", SYSTEM)
-                .replace("$(POD_NAME)", "op-1")
-        })
-        .collect::<Vec<_>>();
-    assert!(
-        args.contains(&"--insecure-plaintext".to_string()),
-        "tls.mode=disabled: {args:?}"
-    );
-    let mut env = vec![("KUBECONFIG".to_string(), kubeconfig.display().to_string())];
-    for e in container["env"].as_array().unwrap() {
-        if let Some(value) = e["value"].as_str() {
-            env.push((e["name"].as_str().unwrap().to_string(), value.to_string()));
-        }
-    }
-    Operator {
-        recipe: Recipe {
-            program: bins.operator.clone(),
-            args,
-            env,
-        },
-        admin,
-        log: dir.join("operator.log"),
-        process: None,
-    }
-}
-
-/// A dataplane as the installed chart's DaemonSet runs it: the ConfigMap's `dataplane.yaml`
-/// with loopback listeners, the operator's loopback address, the echo upstream for the
-/// chart's `backend` cluster, a state directory of its own, one more label (`zone`), and its
-/// id from WASMFILTER_DATAPLANE_ID (the node's name in the DaemonSet).
-fn dataplane_from_chart(
-    cluster: &Cluster,
-    bins: &Binaries,
-    dir: &Path,
-    operator: &Operator,
-    id: &str,
-    zone: &str,
-) -> Dataplane {
-    let cm = get_json(
-        cluster,
-        &["get", "configmap", "wasmfilter-dataplane", "-n", SYSTEM],
-    );
-    let mut config: Value =
-        serde_yaml_ng::from_str(cm["data"]["dataplane.yaml"].as_str().unwrap()).unwrap();
-    let grpc = operator
-        .recipe
-        .args
-        .iter()
-        .skip_while(|a| *a != "--grpc-listen")
-        .nth(1)
-        .unwrap()
-        .clone();
-    config["listen"] = "127.0.0.1:0".into();
-    config["admin"] = "127.0.0.1:0".into();
-    let backend = config["routes"][0]["cluster"].clone();
-    config["clusters"] = serde_json::json!([{"name": backend, "builtin": "echo"}]);
-    let link = &mut config["operator"];
-    assert_eq!(link["insecure"], true, "tls.mode=disabled: {link}");
-    assert_eq!(link["id"], "", "{link}");
-    link["address"] = format!("http://{grpc}").into();
-    link["stateDir"] = format!("{id}-state").into();
-    link["labels"]["zone"] = zone.into();
-    let file = dir.join(format!("{id}.yaml"));
-    std::fs::write(&file, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
-    Dataplane {
-        id: id.to_string(),
-        recipe: Recipe {
-            program: bins.dataplane.clone(),
-            args: vec!["--config".into(), file.display().to_string()],
-            env: vec![("WASMFILTER_DATAPLANE_ID".into(), id.into())],
-        },
-        log: dir.join(format!("{id}.log")),
-        state_dir: dir.join(format!("{id}-state")),
-        process: None,
-        proxy: String::new(),
-        admin: String::new(),
-    }
 }
