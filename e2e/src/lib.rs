@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod local;
+pub mod sampler;
 
 /// Environment variables naming the binaries; `cargo xtask ci` sets them after building.
 pub const CLUSTER_ENV: &str = "WASMFILTER_E2E_CLUSTER";
@@ -862,6 +863,30 @@ pub fn eventually<T>(
             Ok(value) => return value,
             Err(last) if Instant::now() > deadline => {
                 panic!("{what}: not within {timeout:?} ({attempts} attempts); last:\n{last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Calls `check` every 100 ms until it returns `Ok` (with the time it took), for at most
+/// `timeout`; then `Err` with `what` and the last error. [`eventually`] without the panic, for
+/// tests that report several findings at the end.
+pub fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> Result<(T, Duration), String> {
+    let started = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match check() {
+            Ok(value) => return Ok((value, started.elapsed())),
+            Err(last) if started.elapsed() > timeout => {
+                return Err(format!(
+                    "{what}: not within {timeout:?} ({attempts} attempts); last:\n{last}"
+                ));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
