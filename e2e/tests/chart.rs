@@ -184,6 +184,10 @@ fn template_renders_the_operator_contract() {
             "wasmfilter-operator",
             "--identity",
             "$(POD_NAME)",
+            "--snapshot-budget",
+            "32Mi",
+            "--status-stats-interval",
+            "60s",
         ]
     );
     // $(VAR) in args expands only from variables the container defines.

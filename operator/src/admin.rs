@@ -174,13 +174,27 @@ impl Collector for ControlCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &self.0.counters;
-        let gauge = ConstGauge::new(self.0.dataplane_count() as i64);
-        gauge.encode(encoder.encode_descriptor(
-            "connected_dataplanes",
-            "Dataplanes with an open control stream",
-            None,
-            gauge.metric_type(),
-        )?)?;
+        for (name, help, value) in [
+            (
+                "connected_dataplanes",
+                "Dataplanes with an open control stream",
+                self.0.dataplane_count() as u64,
+            ),
+            (
+                "snapshot_budget_bytes",
+                "The largest snapshot a dataplane is sent (--snapshot-budget)",
+                self.0.snapshot_budget(),
+            ),
+            (
+                "snapshot_budget_refusals",
+                "Filters left out of a connected dataplane's chain because its snapshot would pass \
+                 the budget, one per (filter, dataplane)",
+                self.0.over_budget_count(),
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
         for (name, help, value) in [
             (
                 "snapshots_sent",
@@ -617,6 +631,47 @@ mod tests {
             )),
             "{body}"
         );
+    }
+
+    #[test]
+    fn a_scrape_counts_the_filters_left_out_for_the_snapshot_budget() {
+        use crate::index::{FilterKey, FilterVersion};
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlPlane::with_snapshot_budget(
+            Arc::new(wasmfilter_oci::ModuleCache::open(dir.path()).unwrap()),
+            3000,
+        );
+        let version = |name: &str| FilterVersion {
+            key: FilterKey::new("team-a", name),
+            module_digest: format!("sha256:{}", "a".repeat(64)),
+            module_size: 10,
+            root_id: String::new(),
+            configuration: vec![b'x'; 2000],
+            vm_id: String::new(),
+            vm_configuration: vec![],
+            env: Default::default(),
+            matches: Default::default(),
+            phase: wasmfilter_api::Phase::Default,
+            priority: 0,
+            failure_policy: wasmfilter_api::FailurePolicy::FailClosed,
+            limits: Default::default(),
+        };
+        control.publish(Default::default(), version("a"));
+        control.publish(Default::default(), version("b"));
+        let line = |n: u64| format!("wasmfilter_operator_snapshot_budget_refusals {n}");
+        let body = scrape(&control);
+        assert!(body.lines().any(|b| b == line(0)), "no dataplane: {body}");
+        assert!(
+            body.lines()
+                .any(|b| b == "wasmfilter_operator_snapshot_budget_bytes 3000"),
+            "{body}"
+        );
+        control.connect("node-a", Default::default());
+        control.connect("node-b", Default::default());
+        let body = scrape(&control);
+        assert!(body.lines().any(|b| b == line(2)), "{body}");
+        control.withdraw(&FilterKey::new("team-a", "a"));
+        assert!(scrape(&control).lines().any(|b| b == line(0)));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use wasmfilter_api::LabelSelector;
 use wasmfilter_api::control::FilterStats;
 use wasmfilter_oci::ModuleCache;
 
+use crate::grpc::limits;
 use crate::index::{FilterKey, FilterVersion, Index, Rollout};
 
 pub struct ControlPlane {
@@ -73,9 +74,16 @@ impl StatsSummary {
 }
 
 impl ControlPlane {
+    /// A control plane with the default snapshot budget ([`limits::SNAPSHOT_BUDGET`]).
     pub fn new(modules: Arc<ModuleCache>) -> Arc<ControlPlane> {
+        ControlPlane::with_snapshot_budget(modules, limits::SNAPSHOT_BUDGET as u64)
+    }
+
+    /// A control plane whose Snapshots take at most `budget` bytes: the filters that do not
+    /// fit a dataplane's chain are left out of it (see [`crate::index`]).
+    pub fn with_snapshot_budget(modules: Arc<ModuleCache>, budget: u64) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
-            index: RwLock::default(),
+            index: RwLock::new(Index::with_snapshot_budget(budget)),
             chains: watch::channel(0).0,
             rollouts: broadcast::channel(4096).0,
             modules,
@@ -92,20 +100,49 @@ impl ControlPlane {
 
     /// Publishes a filter version to the dataplanes `selector` matches (replacing the one
     /// published before). Affected streams push a new snapshot after a short debounce.
+    /// Filters another filter's change moved in or out of some chain for the snapshot budget
+    /// are announced too, so their status follows.
     pub fn publish(&self, selector: LabelSelector, version: FilterVersion) {
         let key = version.key.clone();
-        if self.index.write().unwrap().publish(selector, version) {
-            self.chains.send_modify(|v| *v += 1);
-            let _ = self.rollouts.send(key);
-        }
+        self.change(&key, |index| index.publish(selector, version));
     }
 
     /// Removes a filter from every dataplane.
     pub fn withdraw(&self, key: &FilterKey) {
-        if self.index.write().unwrap().withdraw(key) {
-            self.chains.send_modify(|v| *v += 1);
-            let _ = self.rollouts.send(key.clone());
-        }
+        self.change(key, |index| index.withdraw(key));
+    }
+
+    fn change(&self, key: &FilterKey, apply: impl FnOnce(&mut Index) -> bool) {
+        let affected = {
+            let mut index = self.index.write().unwrap();
+            let before = index.over_budget_counts();
+            if !apply(&mut index) {
+                return;
+            }
+            let after = index.over_budget_counts();
+            let mut affected: BTreeSet<FilterKey> = before
+                .keys()
+                .chain(after.keys())
+                .filter(|k| before.get(k) != after.get(k))
+                .cloned()
+                .collect();
+            affected.insert(key.clone());
+            affected
+        };
+        self.chains.send_modify(|v| *v += 1);
+        self.notify(affected);
+    }
+
+    /// The largest Snapshot a dataplane is sent, bytes.
+    pub fn snapshot_budget(&self) -> u64 {
+        self.index.read().unwrap().snapshot_budget()
+    }
+
+    /// (filter, connected dataplane) pairs whose chain leaves the filter out for the snapshot
+    /// budget.
+    pub fn over_budget_count(&self) -> u64 {
+        let counts = self.index.read().unwrap().over_budget_counts();
+        counts.values().map(|&n| u64::from(n)).sum()
     }
 
     pub fn rollout(&self, key: &FilterKey) -> Rollout {

@@ -9,7 +9,7 @@
 //!                                        → ControlPlane::publish → status::compute
 //!                                        → server-side apply of status → Events on transitions
 //!  ControlPlane::subscribe_rollouts ──► reconcile_on (acks, nacks, dataplanes coming and going)
-//!  every stats_interval: filters whose summed stats changed ──► reconcile_on
+//!  every stats_interval: filters whose summed stats changed state ──► reconcile_on
 //! ```
 //!
 //! Contracts:
@@ -32,12 +32,15 @@
 //! - Status is written by server-side apply with the field manager [`FIELD_MANAGER`], only
 //!   when it differs from the status this process wrote last (or, the first time, from the
 //!   object's).
-//! - `status.stats` (the dataplanes' figures, summed) never causes more than one status write
-//!   per filter per [`Config::stats_interval`] (10 s): a status that differs only in its stats
-//!   waits until the interval has passed since the filter's previous write (the reconcile
-//!   requeues itself for then); any other change is written at once, with the latest stats.
-//!   The control plane does not announce new stats, so every interval the filters whose stats
-//!   changed are reconciled (published ones not in retry backoff).
+//! - `status.stats` (the dataplanes' figures, summed) is written for a change of its state
+//!   ([`status::StatsState`]: reporting dataplanes, the first trap, fail-closed refusal or VM
+//!   restart, the failure rate crossing 1%), never for counters growing alone (those are in
+//!   /metrics), and then at most once per filter per [`Config::stats_interval`] (60 s): such a
+//!   status waits until the interval has passed since the filter's previous write (the
+//!   reconcile requeues itself for then). Any other change is written at once, with the
+//!   current figures. The control plane does not announce new stats, so every interval the
+//!   filters whose stats changed state are reconciled (published ones not in retry backoff);
+//!   steady traffic causes neither writes nor reconciles.
 //! - `module.url` is downloaded by the operator (`url.rs`), checked against `module.sha256`
 //!   and as a module, once per generation, like an IfNotPresent image.
 
@@ -83,10 +86,14 @@ pub struct Config {
     /// Triggers for one object within this window become one reconcile (dataplanes
     /// acknowledging one after the other make one status write, not one each).
     pub debounce: Duration,
-    /// Status writes caused by a change of the dataplanes' stats alone: at most one per
+    /// Status writes caused by a change of the dataplanes' stats state alone: at most one per
     /// filter per this interval, counted from the filter's previous status write. Also how
-    /// often published filters are checked for changed stats (the control plane does not
-    /// announce them).
+    /// often published filters are checked for a changed stats state (the control plane does
+    /// not announce stats). 60 s by default (`--status-stats-interval`): state changes are
+    /// rare, so the interval only bounds a flapping state (a failure rate hovering at 1%,
+    /// dataplanes coming and going) to one write per filter per minute — 1,000 flapping
+    /// filters make about 17 writes per second, not 100 — while a first trap still reaches
+    /// the status within about a minute, the pace at which people read `kubectl get`.
     pub stats_interval: Duration,
     /// `reportingInstance` of Events (the pod name).
     pub instance: Option<String>,
@@ -102,7 +109,7 @@ impl Default for Config {
             retry_base: Duration::from_secs(5),
             concurrency: 8,
             debounce: Duration::from_millis(500),
-            stats_interval: Duration::from_secs(10),
+            stats_interval: Duration::from_secs(60),
             instance: None,
             metrics: Metrics::default(),
             health: Arc::default(),
@@ -306,10 +313,11 @@ impl Context {
         }
     }
 
-    /// The filters whose stats, as `status.stats` would show them now, differ from the ones
-    /// this process wrote last: published filters that are not waiting for a retry (a failing
-    /// one gets its stats on its next retry, so stats never cut its backoff short). One pass
-    /// over the reported stats, whatever the number of filters.
+    /// The filters whose stats, as `status.stats` would show them now, are in another state
+    /// ([`status::StatsState`]) than the ones this process wrote last: published filters that
+    /// are not waiting for a retry (a failing one gets its stats on its next retry, so stats
+    /// never cut its backoff short). One pass over the reported stats, whatever the number of
+    /// filters.
     fn stats_changed(&self) -> Vec<ObjectRef<WasmFilter>> {
         let mut summaries: HashMap<String, StatsSummary> = HashMap::new();
         for (_, f) in self.control.all_stats() {
@@ -326,7 +334,7 @@ impl Context {
                 let summary = summaries.get(&key.to_string()).unwrap_or(&none);
                 let written = s.written.as_ref().and_then(|w| w.stats.as_ref());
                 let current = status::reported_stats(summary, None, &epoch);
-                !status::same_figures(written, current.as_ref())
+                !status::same_stats_state(written, current.as_ref())
             })
             .map(|(key, _)| ObjectRef::new(&key.name).within(&key.namespace))
             .collect()
@@ -708,7 +716,8 @@ pub async fn reconcile(obj: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action
         stats: &stats,
         now: now(),
     });
-    // Only a change of stats, too soon after the previous write: look again when it is due.
+    // Only a change of the stats state, too soon after the previous write: look again when it
+    // is due. Counters alone leave the status as written.
     let mut stats_due = None;
     match status::write_decision(
         previous.as_ref(),
@@ -718,6 +727,7 @@ pub async fn reconcile(obj: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action
         ctx.config.stats_interval,
     ) {
         status::Write::Unchanged => ctx.with_state(&key, &uid, |s| s.written = Some(new_status)),
+        status::Write::CountersOnly => {}
         status::Write::After(delay) => stats_due = Some(delay),
         status::Write::Now => {
             let api: Api<WasmFilter> = Api::namespaced(ctx.client.clone(), &key.namespace);
@@ -821,8 +831,8 @@ fn rollout_triggers(
     .flatten()
 }
 
-/// Every `stats_interval`, the filters whose stats changed ([`Context::stats_changed`]). The
-/// reconcile they trigger writes them, or waits until the rate limit allows it.
+/// Every `stats_interval`, the filters whose stats changed state ([`Context::stats_changed`]).
+/// The reconcile they trigger writes them, or waits until the rate limit allows it.
 fn stats_triggers(ctx: Arc<Context>) -> impl Stream<Item = ObjectRef<WasmFilter>> + Send + 'static {
     let period = ctx.config.stats_interval.max(Duration::from_millis(100));
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);

@@ -40,6 +40,10 @@ pub mod limits {
     pub const MAX_INBOUND_MESSAGE: usize = 4 << 20;
     /// Largest message sent: a snapshot of a long chain with large configurations.
     pub const MAX_OUTBOUND_MESSAGE: usize = 64 << 20;
+    /// Default of `--snapshot-budget`, the largest Snapshot the index lets a dataplane's chain
+    /// reach: half of [`MAX_OUTBOUND_MESSAGE`], so the budget is hit (and named in the status of
+    /// the filters left out) long before the message limit would fail every change.
+    pub const SNAPSHOT_BUDGET: usize = 32 << 20;
     /// Module bytes per FetchModule chunk.
     pub const CHUNK: usize = 1 << 20;
     /// HTTP/2 pings that detect dead dataplanes (and keep NATs open).

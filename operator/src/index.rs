@@ -1,9 +1,16 @@
 //! Which filters each dataplane runs, and how each filter's rollout stands: pure data, no kube,
 //! no tonic, no clock. The controller feeds it resolved WasmFilters, the gRPC layer feeds it
 //! dataplanes and their acknowledgements; both read answers from it.
+//!
+//! The snapshot budget: a dataplane's chain is one Snapshot message, so its encoded size is
+//! capped ([`Index::with_snapshot_budget`]). Walking the chain in chain order, a filter whose
+//! entry would take the Snapshot past the budget is left out of that dataplane's chain and
+//! counts as a failed rollout of that filter on that dataplane ([`Rollout::over_budget`]),
+//! with a message naming the sizes, the budget and the fix; every other filter still goes out.
+//! Sizes are the filters' real protobuf encodings, computed once per published version.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use wasmfilter_api::{
     FailurePolicy, FilterLimits, LabelSelector, Phase, RequestMatch, chain_order,
@@ -101,6 +108,62 @@ pub struct Published {
     pub selector: LabelSelector,
     pub version: Arc<FilterVersion>,
     pub revision: String,
+    /// What the filter adds to a Snapshot ([`snapshot_entry_bytes`]).
+    pub snapshot_bytes: u64,
+}
+
+/// The field number of `Snapshot.filters` in control.proto.
+const SNAPSHOT_FILTERS_FIELD: u32 = 2;
+
+/// The bytes a filter adds to a Snapshot: its `filters` entry (field key, length prefix and
+/// the encoded `Filter`, exactly as the gRPC layer sends it).
+pub fn snapshot_entry_bytes(version: &FilterVersion, revision: &str) -> u64 {
+    let filter = crate::grpc::to_proto(version, revision);
+    prost::encoding::message::encoded_len(SNAPSHOT_FILTERS_FIELD, &filter) as u64
+}
+
+/// Room for the Snapshot's fields besides `filters` at their widest: the version (key and a
+/// 10-byte varint) and a flag or two (key and a byte each).
+const SNAPSHOT_OTHER_FIELDS: u64 = 16;
+
+/// The most a Snapshot whose filter entries take `entries` bytes can take as a ControlMessage:
+/// the entries, the Snapshot's other fields at their widest and the ControlMessage's key and
+/// length prefix.
+pub fn snapshot_bytes(entries: u64) -> u64 {
+    let snapshot = entries + SNAPSHOT_OTHER_FIELDS;
+    1 + prost::encoding::encoded_len_varint(snapshot) as u64 + snapshot
+}
+
+/// A filter left out of a dataplane's chain because it does not fit the snapshot budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverBudget {
+    /// The Snapshot with this filter and the filters before it in chain order that fit.
+    pub chain_bytes: u64,
+    /// What this filter adds ([`snapshot_entry_bytes`]).
+    pub filter_bytes: u64,
+    pub budget: u64,
+}
+
+impl OverBudget {
+    /// For the filter's status: the sizes, the budget and what to do about it.
+    pub fn message(&self, dataplane: &str) -> String {
+        format!(
+            "the chain for dataplane {dataplane} would be {} bytes, over the snapshot budget of \
+             {} bytes (--snapshot-budget); this filter adds {} bytes: shrink its config (or \
+             vm.config), narrow the selectors so that dataplane runs fewer filters, or raise \
+             --snapshot-budget",
+            self.chain_bytes, self.budget, self.filter_bytes
+        )
+    }
+}
+
+/// The chain of one set of dataplane labels, after the snapshot budget.
+#[derive(Debug, Default)]
+struct Plan {
+    /// In chain order, with revisions: what the dataplanes are sent.
+    chain: Vec<(Arc<FilterVersion>, String)>,
+    /// Selected filters left out.
+    over_budget: BTreeMap<FilterKey, OverBudget>,
 }
 
 /// What the index knows of one connected dataplane.
@@ -121,6 +184,10 @@ pub struct Rollout {
     pub selected: u32,
     pub ready: u32,
     pub failed: u32,
+    /// Of `failed`: the dataplanes whose chain leaves the filter out for the snapshot budget.
+    pub over_budget: u32,
+    /// The message of the first of those (by dataplane), when there is one.
+    pub first_over_budget: Option<String>,
     /// (dataplane, message), sorted by dataplane, at most [`MAX_FAILURES_LISTED`].
     pub failures: Vec<(String, String)>,
 }
@@ -129,13 +196,42 @@ pub struct Rollout {
 pub const MAX_FAILURES_LISTED: usize = 10;
 
 /// Published filters and connected dataplanes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Index {
     filters: BTreeMap<FilterKey, Published>,
     dataplanes: BTreeMap<String, Dataplane>,
+    /// The largest Snapshot sent to a dataplane, bytes.
+    budget: u64,
+    /// Sum of every published filter's `snapshot_bytes`: while a Snapshot of all of them fits,
+    /// no chain needs checking.
+    entries_total: u64,
+    /// Chains by dataplane labels, computed on demand; cleared when a filter changes.
+    plans: Mutex<HashMap<BTreeMap<String, String>, Arc<Plan>>>,
+}
+
+impl Default for Index {
+    /// No snapshot budget.
+    fn default() -> Self {
+        Index::with_snapshot_budget(u64::MAX)
+    }
 }
 
 impl Index {
+    /// An empty index whose chains are cut to Snapshots of at most `budget` bytes.
+    pub fn with_snapshot_budget(budget: u64) -> Index {
+        Index {
+            filters: BTreeMap::new(),
+            dataplanes: BTreeMap::new(),
+            budget,
+            entries_total: 0,
+            plans: Mutex::default(),
+        }
+    }
+
+    pub fn snapshot_budget(&self) -> u64 {
+        self.budget
+    }
+
     /// Publishes (or replaces) a filter. Returns whether anything changed.
     pub fn publish(&mut self, selector: LabelSelector, version: FilterVersion) -> bool {
         let revision = version.revision();
@@ -146,20 +242,110 @@ impl Index {
         {
             return false;
         }
-        self.filters.insert(
+        let snapshot_bytes = snapshot_entry_bytes(&version, &revision);
+        self.entries_total += snapshot_bytes;
+        if let Some(old) = self.filters.insert(
             key,
             Published {
                 selector,
                 version: Arc::new(version),
                 revision,
+                snapshot_bytes,
             },
-        );
+        ) {
+            self.entries_total -= old.snapshot_bytes;
+        }
+        self.plans_changed();
         true
     }
 
     /// Withdraws a filter from every dataplane. Returns whether it was published.
     pub fn withdraw(&mut self, key: &FilterKey) -> bool {
-        self.filters.remove(key).is_some()
+        let Some(old) = self.filters.remove(key) else {
+            return false;
+        };
+        self.entries_total -= old.snapshot_bytes;
+        self.plans_changed();
+        true
+    }
+
+    fn plans_changed(&mut self) {
+        self.plans.get_mut().unwrap().clear();
+    }
+
+    /// Whether every published filter fits one Snapshot, so no chain can be over budget.
+    fn all_fit(&self) -> bool {
+        snapshot_bytes(self.entries_total) <= self.budget
+    }
+
+    /// The chain of dataplanes with `labels`, after the budget (computed once per labels
+    /// until a filter changes).
+    fn plan(&self, labels: &BTreeMap<String, String>) -> Arc<Plan> {
+        if let Some(plan) = self.plans.lock().unwrap().get(labels) {
+            return plan.clone();
+        }
+        let mut selected: Vec<_> = self
+            .filters
+            .iter()
+            .filter(|(_, p)| p.selector.matches(labels))
+            .map(|(key, p)| {
+                (
+                    chain_order(p.version.phase, p.version.priority, &key.to_string()),
+                    p,
+                )
+            })
+            .collect();
+        selected.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut plan = Plan::default();
+        let mut entries = 0u64;
+        for (_, p) in selected {
+            let chain_bytes = snapshot_bytes(entries + p.snapshot_bytes);
+            if chain_bytes > self.budget {
+                plan.over_budget.insert(
+                    p.version.key.clone(),
+                    OverBudget {
+                        chain_bytes,
+                        filter_bytes: p.snapshot_bytes,
+                        budget: self.budget,
+                    },
+                );
+            } else {
+                entries += p.snapshot_bytes;
+                plan.chain.push((p.version.clone(), p.revision.clone()));
+            }
+        }
+        let plan = Arc::new(plan);
+        self.plans
+            .lock()
+            .unwrap()
+            .insert(labels.clone(), plan.clone());
+        plan
+    }
+
+    /// Why `key` is left out of the chain of a dataplane with `labels`, if it is.
+    pub fn over_budget(
+        &self,
+        key: &FilterKey,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<OverBudget> {
+        if self.all_fit() {
+            return None;
+        }
+        self.plan(labels).over_budget.get(key).copied()
+    }
+
+    /// Filter → the connected dataplanes whose chain leaves it out for the budget.
+    pub fn over_budget_counts(&self) -> BTreeMap<FilterKey, u32> {
+        let mut counts = BTreeMap::new();
+        if self.all_fit() {
+            return counts;
+        }
+        for dp in self.dataplanes.values() {
+            for key in self.plan(&dp.labels).over_budget.keys() {
+                *counts.entry(key.clone()).or_default() += 1;
+            }
+        }
+        counts
     }
 
     pub fn published(&self, key: &FilterKey) -> Option<&Published> {
@@ -171,24 +357,12 @@ impl Index {
     }
 
     /// The chain a dataplane with `labels` runs, in chain order (phase, priority, then
-    /// `namespace/name`).
+    /// `namespace/name`), without the filters that do not fit the snapshot budget.
     pub fn chain_for(
         &self,
         labels: &BTreeMap<String, String>,
     ) -> Vec<(Arc<FilterVersion>, String)> {
-        let mut chain: Vec<_> = self
-            .filters
-            .iter()
-            .filter(|(_, p)| p.selector.matches(labels))
-            .map(|(key, p)| {
-                (
-                    chain_order(p.version.phase, p.version.priority, &key.to_string()),
-                    (p.version.clone(), p.revision.clone()),
-                )
-            })
-            .collect();
-        chain.sort_by(|a, b| a.0.cmp(&b.0));
-        chain.into_iter().map(|(_, f)| f).collect()
+        self.plan(labels).chain.clone()
     }
 
     /// Every module digest some dataplane may be told to fetch.
@@ -274,12 +448,24 @@ impl Index {
             revision: Some(p.revision.clone()),
             ..Default::default()
         };
+        let all_fit = self.all_fit();
         for (id, dp) in &self.dataplanes {
             if !p.selector.matches(&dp.labels) {
                 continue;
             }
             r.selected += 1;
-            if dp.running.get(&name) == Some(&p.revision) {
+            // Left out of the chain: failed, even while an Ack of an older chain still lists it.
+            if !all_fit && let Some(over) = self.plan(&dp.labels).over_budget.get(key) {
+                let message = over.message(id);
+                r.failed += 1;
+                r.over_budget += 1;
+                if r.first_over_budget.is_none() {
+                    r.first_over_budget = Some(message.clone());
+                }
+                if r.failures.len() < MAX_FAILURES_LISTED {
+                    r.failures.push((id.clone(), message));
+                }
+            } else if dp.running.get(&name) == Some(&p.revision) {
                 r.ready += 1;
             } else if let Some((rev, message)) = dp.refused.get(&name)
                 && rev == &p.revision
@@ -498,6 +684,116 @@ mod tests {
         let r = index.rollout(&key);
         assert_eq!((r.selected, r.ready, r.failed), (1, 0, 1));
         assert_eq!(index.dataplane("dp").unwrap().running["ns/f"], old);
+    }
+
+    /// A version whose configuration is `bytes` long.
+    fn sized(ns: &str, name: &str, priority: i32, bytes: usize) -> FilterVersion {
+        let mut v = version(ns, name, Phase::Default, priority);
+        v.configuration = vec![b'x'; bytes];
+        v
+    }
+
+    /// The ControlMessage the gRPC layer would send for `chain`, encoded, at the widest version.
+    fn encoded(chain: &[(Arc<FilterVersion>, String)]) -> u64 {
+        use wasmfilter_api::control::{ControlMessage, Snapshot, control_message};
+        let message = ControlMessage {
+            kind: Some(control_message::Kind::Snapshot(Snapshot {
+                version: u64::MAX,
+                filters: chain
+                    .iter()
+                    .map(|(f, rev)| crate::grpc::to_proto(f, rev))
+                    .collect(),
+                ..Default::default()
+            })),
+        };
+        prost::Message::encoded_len(&message) as u64
+    }
+
+    #[test]
+    fn filters_past_the_snapshot_budget_are_left_out_in_chain_order_and_fail_alone() {
+        let all = |index: &Index| {
+            let mut with_all: Vec<_> = index
+                .filters
+                .values()
+                .map(|p| (p.version.clone(), p.revision.clone()))
+                .collect();
+            with_all.sort_by_key(|(f, _)| chain_order(f.phase, f.priority, &f.key.to_string()));
+            with_all
+        };
+        // Room for about two 10 KB configurations: chain order is priority (higher first).
+        let mut index = Index::with_snapshot_budget(25_000);
+        index.publish(selector(&[]), sized("a", "first", 30, 10_000));
+        index.publish(selector(&[]), sized("b", "second", 20, 10_000));
+        index.publish(selector(&[]), sized("c", "big", 10, 10_000));
+        index.publish(selector(&[]), sized("d", "small", 0, 100));
+        index.publish(
+            selector(&[("gateway", "internal")]),
+            sized("e", "internal-only", 0, 100),
+        );
+        index.connect("node-a", labels(&[]));
+        index.connect("node-b", labels(&[]));
+        index.connect("node-i", labels(&[("gateway", "internal")]));
+
+        // A smaller filter after the refused one still fits.
+        let chain = index.chain_for(&labels(&[]));
+        assert_eq!(names(&chain), ["a/first", "b/second", "d/small"]);
+        assert!(encoded(&chain) <= 25_000, "{}", encoded(&chain));
+
+        // The refused filter fails on every dataplane, naming the sizes and the fix; exact
+        // sizes: the Snapshot with it would be the real encoding of the chain plus it.
+        let big = FilterKey::new("c", "big");
+        let r = index.rollout(&big);
+        assert_eq!((r.selected, r.ready, r.failed, r.over_budget), (3, 0, 3, 3));
+        let mut with_big = chain[..2].to_vec();
+        let p = index.published(&big).unwrap();
+        with_big.push((p.version.clone(), p.revision.clone()));
+        let over = index.over_budget(&big, &labels(&[])).unwrap();
+        let real = encoded(&with_big);
+        assert!(
+            (real..=real + SNAPSHOT_OTHER_FIELDS).contains(&over.chain_bytes),
+            "{over:?}: {real} bytes encoded"
+        );
+        assert_eq!(over.filter_bytes, real - encoded(&chain[..2]));
+        assert_eq!(r.failures[0].0, "node-a");
+        assert_eq!(
+            r.failures[0].1,
+            format!(
+                "the chain for dataplane node-a would be {} bytes, over the snapshot budget of \
+                 25000 bytes (--snapshot-budget); this filter adds {} bytes: shrink its config \
+                 (or vm.config), narrow the selectors so that dataplane runs fewer filters, or \
+                 raise --snapshot-budget",
+                over.chain_bytes, over.filter_bytes
+            )
+        );
+        assert_eq!(index.over_budget_counts(), [(big.clone(), 3)].into());
+        // The others are unaffected: nothing failed, and the internal gateway still gets the
+        // rest, its own filter included.
+        for name in [("a", "first"), ("d", "small"), ("e", "internal-only")] {
+            let r = index.rollout(&FilterKey::new(name.0, name.1));
+            assert_eq!((r.failed, r.over_budget), (0, 0), "{name:?}");
+        }
+        assert_eq!(
+            names(&index.chain_for(&labels(&[("gateway", "internal")]))),
+            ["a/first", "b/second", "d/small", "e/internal-only"]
+        );
+
+        // Without a budget, everything goes out.
+        let mut unlimited = Index::default();
+        for (f, _) in all(&index) {
+            unlimited.publish(selector(&[]), (*f).clone());
+        }
+        let chain = unlimited.chain_for(&labels(&[]));
+        assert_eq!(chain.len(), 5);
+        assert!(encoded(&chain) > 25_000);
+
+        // Withdrawing a filter before it in the chain makes room.
+        index.withdraw(&FilterKey::new("a", "first"));
+        assert_eq!(
+            names(&index.chain_for(&labels(&[]))),
+            ["b/second", "c/big", "d/small"]
+        );
+        assert_eq!(index.rollout(&big).over_budget, 0);
+        assert!(index.over_budget_counts().is_empty());
     }
 
     #[test]

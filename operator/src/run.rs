@@ -73,6 +73,27 @@ pub struct RunArgs {
     /// How often a pullPolicy Always tag is re-resolved (ms, s or m); also the longest retry delay.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub refresh_interval: Duration,
+    /// The largest snapshot a dataplane is sent, in bytes or with a Ki, Mi or Gi suffix (at
+    /// most the 64Mi gRPC message limit). A filter that would take a dataplane's chain past it
+    /// is left out of that chain and its status says SnapshotBudgetExceeded; the others roll
+    /// out.
+    #[arg(
+        long,
+        env = "WASMFILTER_SNAPSHOT_BUDGET",
+        default_value_t = grpc::limits::SNAPSHOT_BUDGET as u64,
+        value_parser = parse_snapshot_budget
+    )]
+    pub snapshot_budget: u64,
+    /// The least time between two writes of a WasmFilter's status.stats (ms, s or m). Stats are
+    /// written only when their state changes (see `status::StatsState`), never for counter
+    /// growth alone.
+    #[arg(
+        long,
+        env = "WASMFILTER_STATUS_STATS_INTERVAL",
+        default_value = "60s",
+        value_parser = parse_duration
+    )]
+    pub status_stats_interval: Duration,
     /// Lead without a Lease: for a single replica, or tests.
     #[arg(long)]
     pub no_leader_election: bool,
@@ -80,6 +101,18 @@ pub struct RunArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     wasmfilter_api::parse_duration(s)
+}
+
+fn parse_snapshot_budget(s: &str) -> Result<u64, String> {
+    let budget = wasmfilter_api::parse_quantity(s)?;
+    let max = grpc::limits::MAX_OUTBOUND_MESSAGE as u64;
+    if budget > max {
+        return Err(format!(
+            "{budget} bytes is more than the gRPC message limit of {max} bytes (64Mi): a \
+             snapshot that large could never be sent; give at most 64Mi"
+        ));
+    }
+    Ok(budget)
 }
 
 impl RunArgs {
@@ -99,6 +132,8 @@ impl RunArgs {
             identity: Some("test".into()),
             insecure_registries: Vec::new(),
             refresh_interval: Duration::from_secs(300),
+            snapshot_budget: grpc::limits::SNAPSHOT_BUDGET as u64,
+            status_stats_interval: controller::Config::default().stats_interval,
             no_leader_election: true,
         }
     }
@@ -208,7 +243,7 @@ impl Operator {
                 ..Default::default()
             },
         ));
-        let control = ControlPlane::new(cache);
+        let control = ControlPlane::with_snapshot_budget(cache, args.snapshot_budget);
         let health = Arc::new(Health::default());
         let metrics = Metrics::default();
         let identity = args.identity();
@@ -234,6 +269,7 @@ impl Operator {
         });
         let config = controller::Config {
             refresh_interval: args.refresh_interval,
+            stats_interval: args.status_stats_interval,
             instance: Some(identity),
             metrics: metrics.clone(),
             health: health.clone(),
@@ -407,4 +443,51 @@ async fn lead(
 pub fn install_crypto_provider() {
     // Fails only if a provider is installed already, which is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|c| c.run)
+    }
+
+    #[test]
+    fn the_snapshot_budget_and_the_stats_interval_default_to_the_limits_and_parse_sizes() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.snapshot_budget, 32 << 20);
+        assert_eq!(
+            args.status_stats_interval,
+            controller::Config::default().stats_interval,
+            "the flag's default is the controller's"
+        );
+        let args = parse(&["--snapshot-budget", "16Mi", "--status-stats-interval", "2m"]).unwrap();
+        assert_eq!(args.snapshot_budget, 16 << 20);
+        assert_eq!(args.status_stats_interval, Duration::from_secs(120));
+        assert_eq!(
+            parse(&["--snapshot-budget", "1048576"])
+                .unwrap()
+                .snapshot_budget,
+            1 << 20
+        );
+        let err = parse(&["--snapshot-budget", "65Mi"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--snapshot-budget") && err.contains("gRPC message limit"),
+            "{err}"
+        );
+        let err = parse(&["--snapshot-budget", "32MB"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Ki, Mi or Gi"), "{err}");
+    }
 }

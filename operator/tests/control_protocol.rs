@@ -543,3 +543,154 @@ fn a_dataplane_that_stops_reading_never_holds_up_the_others() {
     );
     dp.shutdown();
 }
+
+/// An operator whose snapshots take at most `budget` bytes.
+fn operator_with_budget(cache_dir: &Path, budget: u64) -> Operator {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let control =
+        ControlPlane::with_snapshot_budget(Arc::new(ModuleCache::open(cache_dir).unwrap()), budget);
+    control.mark_synced();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(wasmfilter_operator::grpc::serve(
+        control.clone(),
+        listener,
+        None,
+        std::future::pending(),
+    ));
+    Operator {
+        runtime: Some(runtime),
+        control,
+        addr,
+    }
+}
+
+/// The snapshot budget with real dataplanes: in chain order, the filter that would take the
+/// chain past the budget is left out alone (its rollout failed, naming the budget, the sizes
+/// and the fix, and its status says SnapshotBudgetExceeded); the others, a smaller filter after
+/// it included, reach the dataplane and serve, and later changes still arrive.
+#[test]
+fn a_chain_over_the_snapshot_budget_leaves_out_only_the_filters_past_it() {
+    use wasmfilter_operator::controller::status;
+
+    const BUDGET: u64 = 100_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("operator-cache");
+    let m = modules(&cache);
+    let op = operator_with_budget(&cache, BUDGET);
+    let cp = op.control.clone();
+    let dp = Dataplane::start(&dataplane_config(tmp.path(), op.addr, "dp-a", &[])).unwrap();
+    wait_for("the dataplane to connect", || cp.dataplane_count() == 1);
+
+    // Each sets its own response header; three carry ~40 KB of configuration. Chain order is
+    // priority, higher first: first (30), second (20), big (10), small (0).
+    let padded = |header: &str, value: &str, padding: usize| {
+        format!(
+            r#"{{"response": {{"set": {{"{header}": "{value}"}}}}, "padding": "{}"}}"#,
+            "x".repeat(padding)
+        )
+    };
+    let filter = |name: &str, priority: i32, config: String| {
+        let mut v = rewrite(&FilterKey::new("team", name), &m.header_rewrite, &config);
+        v.priority = priority;
+        v
+    };
+    let keys = ["first", "second", "big", "small"].map(|n| FilterKey::new("team", n));
+    cp.publish(
+        selector(&[]),
+        filter("first", 30, padded("x-first", "1", 40_000)),
+    );
+    cp.publish(
+        selector(&[]),
+        filter("second", 20, padded("x-second", "1", 40_000)),
+    );
+    cp.publish(
+        selector(&[]),
+        filter("big", 10, padded("x-big", "1", 40_000)),
+    );
+    cp.publish(selector(&[]), filter("small", 0, padded("x-small", "1", 0)));
+    wait_for("the filters that fit to be acknowledged", || {
+        [&keys[0], &keys[1], &keys[3]]
+            .iter()
+            .all(|k| cp.rollout(k).ready == 1)
+    });
+    let r = cp.rollout(&keys[2]);
+    assert_eq!((r.selected, r.ready, r.failed, r.over_budget), (1, 0, 1, 1));
+    let (dataplane, message) = &r.failures[0];
+    assert_eq!(dataplane, "dp-a");
+    assert!(
+        message.starts_with("the chain for dataplane dp-a would be ")
+            && message.contains("over the snapshot budget of 100000 bytes (--snapshot-budget)")
+            && message.contains("shrink its config"),
+        "{message}"
+    );
+    eprintln!("{message}");
+    let (status, _) = status::compute(&status::Input {
+        generation: 1,
+        previous: None,
+        resolution: &status::Resolution::Resolved {
+            module: wasmfilter_api::crd::ResolvedModule {
+                digest: m.header_rewrite.0.clone(),
+                manifest_digest: None,
+                resolved_from: "https://example.test/f.wasm".into(),
+                size: m.header_rewrite.1 as i64,
+            },
+            revision: r.revision.clone().unwrap(),
+        },
+        published: None,
+        rollout: &r,
+        stats: &Default::default(),
+        now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ),
+    });
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "SnapshotBudgetExceeded")
+    );
+    assert!(
+        ready.message.contains(message.as_str()),
+        "{}",
+        ready.message
+    );
+
+    // What the dataplane serves: every filter but the one past the budget.
+    let served = |h: &str| header(dp.proxy_addr, h);
+    assert_eq!(served("x-first").as_deref(), Some("1"));
+    assert_eq!(served("x-second").as_deref(), Some("1"));
+    assert_eq!(served("x-small").as_deref(), Some("1"));
+    assert_eq!(served("x-big"), None);
+    let sent = cp.counters.snapshot_bytes_sent.load(Ordering::SeqCst);
+    let snapshots = cp.counters.snapshots_sent.load(Ordering::SeqCst);
+    assert!(
+        sent <= snapshots * BUDGET,
+        "{sent} bytes in {snapshots} snapshots"
+    );
+
+    // A change to another filter still arrives.
+    cp.publish(selector(&[]), filter("small", 0, padded("x-small", "2", 0)));
+    wait_for("the change to serve", || {
+        served("x-small").as_deref() == Some("2")
+    });
+    assert_eq!(cp.rollout(&keys[2]).over_budget, 1);
+
+    // Shrunk, the filter fits and goes out.
+    cp.publish(selector(&[]), filter("big", 10, padded("x-big", "1", 100)));
+    wait_for("the shrunk filter to be acknowledged", || {
+        cp.rollout(&keys[2]).ready == 1
+    });
+    assert_eq!(served("x-big").as_deref(), Some("1"));
+    assert_eq!(served("x-first").as_deref(), Some("1"));
+    dp.shutdown();
+}

@@ -935,3 +935,166 @@ async fn stats_reach_status_at_most_once_per_interval_and_rollouts_at_once() {
         .expect("the controller stops on the shutdown signal")
         .unwrap();
 }
+
+/// One dataplane's report of `name` with these cumulative counters.
+fn report(name: &str, invocations: u64, traps: u64) -> wasmfilter_api::control::FilterStats {
+    wasmfilter_api::control::FilterStats {
+        name: name.into(),
+        invocations,
+        traps,
+        latency_count: invocations,
+        latency_sum_seconds: invocations as f64 * 0.000_1,
+        ..Default::default()
+    }
+}
+
+/// status.stats under steady traffic, counted at the API server: counters growing for several
+/// intervals write nothing; the first trap writes once, with the figures of then; a state that
+/// flaps (a dataplane's reports coming and going) writes at most once per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_traffic_writes_no_stats_and_a_state_change_at_most_once_per_interval() {
+    const INTERVAL: Duration = Duration::from_secs(1);
+    let config = Config {
+        stats_interval: INTERVAL,
+        debounce: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let env = env_with(None, config).await;
+    let bytes = module();
+    let digest = sha256_digest(&bytes);
+    let files = FileServer::start(BTreeMap::from([("/f.wasm", (200, bytes))])).await;
+    env.api.put_filter(filter(
+        "team-a",
+        "busy",
+        json!({"module": {"url": files.url("/f.wasm"), "sha256": hex_of(&digest)}}),
+    ));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(env.ctx.clone().run(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    eventually("published", || env.chain().len() == 1).await;
+    let revision = env.control.chain_for(&BTreeMap::new())[0].1.clone();
+    for node in ["node-a", "node-b"] {
+        env.control.connect(node, BTreeMap::new());
+        env.control.acknowledge(
+            node,
+            &BTreeMap::from([("team-a/busy".to_string(), revision.clone())]),
+            &BTreeMap::new(),
+        );
+    }
+    eventually("Ready on 2 dataplanes", || {
+        cond(&env.status("team-a", "busy"), "Ready").1 == "RolledOut"
+    })
+    .await;
+    let name = "team-a/busy";
+    // The first reports: stats appear, a state change, written once.
+    env.control
+        .report_stats("node-a", vec![report(name, 100, 0)]);
+    env.control
+        .report_stats("node-b", vec![report(name, 100, 0)]);
+    eventually("stats in status", || {
+        env.status("team-a", "busy")["stats"]["dataplanes"] == 2
+    })
+    .await;
+    let patches = || env.api.timed_status_patches("team-a", "busy");
+    let before = patches().len();
+
+    // Steady traffic for 5 intervals: both dataplanes report every 100 ms, counters growing.
+    let mut invocations = 100;
+    let started = std::time::Instant::now();
+    while started.elapsed() < 5 * INTERVAL {
+        invocations += 1000;
+        env.control
+            .report_stats("node-a", vec![report(name, invocations, 0)]);
+        env.control
+            .report_stats("node-b", vec![report(name, invocations, 0)]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let a stats scan that saw the last report finish.
+    tokio::time::sleep(INTERVAL + Duration::from_millis(300)).await;
+    let steady = &patches()[before..];
+    assert!(
+        steady.is_empty(),
+        "{} status writes under steady traffic ({invocations} invocations per dataplane): {steady:#?}",
+        steady.len()
+    );
+    assert_eq!(env.status("team-a", "busy")["stats"]["invocations"], 200);
+
+    // The first trap, traffic going on: exactly one write, showing the figures of then.
+    let before_trap = invocations;
+    let trapped_at = std::time::Instant::now();
+    while trapped_at.elapsed() < 3 * INTERVAL {
+        invocations += 1000;
+        env.control
+            .report_stats("node-a", vec![report(name, invocations, 1)]);
+        env.control
+            .report_stats("node-b", vec![report(name, invocations, 0)]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let trap_writes = patches()[before..].to_vec();
+    assert_eq!(
+        trap_writes.len(),
+        1,
+        "the first trap makes one write: {trap_writes:#?}"
+    );
+    let (at, body) = &trap_writes[0];
+    let st = &body["status"]["stats"];
+    assert_eq!(st["traps"], 1);
+    let written = st["invocations"].as_i64().unwrap() as u64;
+    assert!(
+        written > 2 * before_trap && written <= 2 * invocations,
+        "the figures of the write's time, not of the previous write: {st}"
+    );
+    eprintln!(
+        "first trap written {:?} after it was reported",
+        *at - trapped_at
+    );
+    assert!(*at - trapped_at <= 2 * INTERVAL + Duration::from_millis(500));
+
+    // node-b's reports go, come back and go again, each change as soon as the status shows
+    // the one before: one write per change, each at least an interval after the previous.
+    for (k, reporting) in [1, 2, 1].into_iter().enumerate() {
+        invocations += 1000;
+        let b = if reporting == 2 {
+            vec![report(name, invocations, 0)]
+        } else {
+            vec![]
+        };
+        env.control.report_stats("node-b", b);
+        eventually(
+            &format!("change {k}: {reporting} dataplanes in status"),
+            || env.status("team-a", "busy")["stats"]["dataplanes"] == reporting,
+        )
+        .await;
+    }
+    tokio::time::sleep(INTERVAL + Duration::from_millis(300)).await;
+    let all = patches();
+    let stats_writes = &all[before..];
+    assert_eq!(
+        stats_writes.len(),
+        4,
+        "the first trap and three changes of the reporting dataplanes: {stats_writes:#?}"
+    );
+    for pair in stats_writes.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        eprintln!("stats writes {gap:?} apart");
+        assert!(gap >= INTERVAL, "two stats writes {gap:?} apart");
+    }
+    // Every write was for stats alone: the rest of the status stayed as it was.
+    let strip = |v: &Value| {
+        let mut s = v["status"].clone();
+        s.as_object_mut().unwrap().remove("stats");
+        s
+    };
+    assert!(
+        all[before..]
+            .iter()
+            .all(|(_, b)| strip(b) == strip(&all[before - 1].1))
+    );
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the controller stops on the shutdown signal")
+        .unwrap();
+}

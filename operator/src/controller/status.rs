@@ -12,8 +12,8 @@
 //! | type | True | False (reason) |
 //! |---|---|---|
 //! | Resolved | the current spec's module resolved, matched its sha256 and compiled (`Resolved`) | why not: `InvalidSpec`, `PullSecretNotFound`, `PullSecretMissingRegistry`, `PullSecretInvalid`, `PullUnauthorized`, `ImageNotFound`, `UnsupportedLayout`, `ModuleTooLarge`, `DigestMismatch`, `InvalidModule`, `RegistryUnavailable`, `ResolveFailed`, `DownloadFailed` (module.url) |
-//! | Ready | every selected dataplane runs the current revision (`RolledOut`) | the resolve failure's reason, `NoDataplanes`, `Progressing`, `DataplanesRejected` |
-//! | Degraded | an older module keeps running because the current spec failed (the failure's reason), or some dataplanes rejected the revision (`DataplanesRejected`) | `AsExpected` |
+//! | Ready | every selected dataplane runs the current revision (`RolledOut`) | the resolve failure's reason, `NoDataplanes`, `Progressing`, `DataplanesRejected`, `SnapshotBudgetExceeded` |
+//! | Degraded | an older module keeps running because the current spec failed (the failure's reason), some dataplanes rejected the revision (`DataplanesRejected`), or some dataplanes' chains leave it out because their snapshot would pass `--snapshot-budget` (`SnapshotBudgetExceeded`) | `AsExpected` |
 //!
 //! `lastTransitionTime` changes only when a condition's status changes. Events are emitted on
 //! transitions only (a reconcile that finds the same state emits nothing).
@@ -54,6 +54,9 @@ pub mod reason {
     pub const PROGRESSING: &str = "Progressing";
     pub const NO_DATAPLANES: &str = "NoDataplanes";
     pub const DATAPLANES_REJECTED: &str = "DataplanesRejected";
+    /// The filter does not fit some selected dataplanes' snapshot budget and is left out of
+    /// their chain (the other filters still roll out).
+    pub const SNAPSHOT_BUDGET_EXCEEDED: &str = "SnapshotBudgetExceeded";
     pub const AS_EXPECTED: &str = "AsExpected";
 }
 
@@ -185,6 +188,12 @@ pub fn compute(input: &Input<'_>) -> (WasmFilterStatus, Vec<EventSpec>) {
                 keeps_running(old)
             ),
         ),
+        _ if rollout.over_budget > 0 => cond(
+            DEGRADED,
+            true,
+            reason::SNAPSHOT_BUDGET_EXCEEDED,
+            over_budget_message(rollout),
+        ),
         _ if rollout.failed > 0 => cond(
             DEGRADED,
             true,
@@ -218,15 +227,21 @@ pub fn compute(input: &Input<'_>) -> (WasmFilterStatus, Vec<EventSpec>) {
             ),
         });
     }
-    if ready.reason == reason::DATAPLANES_REJECTED
-        && prev(READY).is_none_or(|p| p.reason != reason::DATAPLANES_REJECTED)
-    {
-        events.push(EventSpec {
-            kind: EventKind::Warning,
-            reason: reason::DATAPLANES_REJECTED.into(),
-            action: "Rollout",
-            note: truncate(rejected_message(rollout), 1000),
-        });
+    for (failure, message) in [
+        (
+            reason::DATAPLANES_REJECTED,
+            rejected_message as fn(&Rollout) -> String,
+        ),
+        (reason::SNAPSHOT_BUDGET_EXCEEDED, over_budget_message),
+    ] {
+        if ready.reason == failure && prev(READY).is_none_or(|p| p.reason != failure) {
+            events.push(EventSpec {
+                kind: EventKind::Warning,
+                reason: failure.into(),
+                action: "Rollout",
+                note: truncate(message(rollout), 1000),
+            });
+        }
     }
 
     let conditions = [resolved, ready, degraded]
@@ -296,6 +311,11 @@ pub fn reported_stats(
     }
 }
 
+/// Whether two `status.stats` put the filter in the same [`StatsState`].
+pub fn same_stats_state(a: Option<&ReportedStats>, b: Option<&ReportedStats>) -> bool {
+    StatsState::of(a) == StatsState::of(b)
+}
+
 /// Whether two `status.stats` say the same, whatever their `updatedAt`.
 pub fn same_figures(a: Option<&ReportedStats>, b: Option<&ReportedStats>) -> bool {
     let strip = |s: &ReportedStats| ReportedStats {
@@ -321,23 +341,70 @@ pub fn mean_latency(sum_seconds: f64, count: u64) -> Option<String> {
     })
 }
 
+/// Invocations per failure (trap or fail-closed refusal) at which a filter counts as failing
+/// in [`StatsState`]: 1 in 100, i.e. 1%.
+pub const FAILING_ONE_IN: u64 = 100;
+
+/// What `status.stats` is written for: the state the figures put a filter in, not the figures.
+/// Counters grow with every request, so a status that followed them would be rewritten for
+/// every busy filter forever (1,000 filters every 10 s: 100 etcd writes and as many watch
+/// events per second to every `kubectl get -w`, Argo CD and Flux); their growth belongs in
+/// Prometheus, which the operator exports. The state changes only when something a reader of
+/// the status would act on changes:
+/// - how many dataplanes report the filter (stats appear, a dataplane joins or leaves);
+/// - the first trap (or callback timeout), the first fail-closed refusal, the first VM restart
+///   (each counter leaving zero, or returning to it when the dataplanes restarted);
+/// - traps plus fail-closed refusals reaching 1 in [`FAILING_ONE_IN`] invocations, or falling
+///   below it again (over the dataplanes' counters since they started).
+///
+/// A status written for another reason (rollout, conditions, module) carries the current
+/// figures, whatever the state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatsState {
+    pub dataplanes: i32,
+    pub trapped: bool,
+    pub failed_closed: bool,
+    pub vm_restarted: bool,
+    pub failing: bool,
+}
+
+impl StatsState {
+    /// The state of `status.stats` (None while no dataplane reports the filter).
+    pub fn of(stats: Option<&ReportedStats>) -> Option<StatsState> {
+        let s = stats?;
+        let failures = i128::from(s.traps) + i128::from(s.fail_closed);
+        Some(StatsState {
+            dataplanes: s.dataplanes,
+            trapped: s.traps > 0,
+            failed_closed: s.fail_closed > 0,
+            vm_restarted: s.vm_restarts > 0,
+            failing: failures > 0
+                && failures * i128::from(FAILING_ONE_IN) >= i128::from(s.invocations),
+        })
+    }
+}
+
 /// What to do with a computed status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
     /// It is the status already written.
     Unchanged,
+    /// Only counters of `stats` moved, in the same [`StatsState`]: not written (the status as
+    /// written stays the reference; the figures reach the status with the next write).
+    CountersOnly,
     /// Write it now.
     Now,
-    /// Only `stats` changed and the previous write is too recent: look again after this long
-    /// (nothing is written meanwhile).
+    /// Only `stats` changed state and the previous write is too recent: look again after this
+    /// long (nothing is written meanwhile).
     After(Duration),
 }
 
-/// The stats rate limit: a status that differs from the one written last only in `stats` is
-/// written no sooner than `interval` after that write; any other difference (rollout counts,
-/// conditions, module) is written at once, with the latest stats. `last_write` is when this
-/// process last wrote the filter's status (None: never, e.g. since it started). The clock is
-/// the caller's, so this is deterministic.
+/// The stats rule: a status that differs from the one written last only in `stats` is written
+/// when the stats changed [state](StatsState), and then no sooner than `interval` after the
+/// previous write; counters growing in the same state write nothing. Any other difference
+/// (rollout counts, conditions, module) is written at once, with the latest figures.
+/// `last_write` is when this process last wrote the filter's status (None: never, e.g. since it
+/// started). The clock is the caller's, so this is deterministic.
 pub fn write_decision(
     written: Option<&WasmFilterStatus>,
     new: &WasmFilterStatus,
@@ -352,8 +419,11 @@ pub fn write_decision(
         stats: None,
         ..s.clone()
     };
-    if written.map(without_stats) != Some(without_stats(new)) {
+    let Some(written) = written.filter(|w| without_stats(w) == without_stats(new)) else {
         return Write::Now;
+    };
+    if same_stats_state(written.stats.as_ref(), new.stats.as_ref()) {
+        return Write::CountersOnly;
     }
     match last_write.map(|t| t + interval) {
         Some(due) if due > now => Write::After(due - now),
@@ -380,6 +450,13 @@ fn rollout_condition(revision: &str, r: &Rollout) -> Condition {
                 r.selected,
                 plural(r.selected)
             ),
+        )
+    } else if r.over_budget > 0 {
+        cond(
+            READY,
+            false,
+            reason::SNAPSHOT_BUDGET_EXCEEDED,
+            over_budget_message(r),
         )
     } else if r.failed > 0 {
         cond(
@@ -418,6 +495,22 @@ fn rejected_message(r: &Rollout) -> String {
         r.failed,
         r.selected,
         r.revision.as_deref().unwrap_or("?"),
+    )
+}
+
+/// The first budget failure names the dataplane, the sizes, the budget and the fix.
+fn over_budget_message(r: &Rollout) -> String {
+    let first = r
+        .first_over_budget
+        .as_ref()
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
+    format!(
+        "revision {} is left out of the snapshots of {} of {} selected dataplanes, which would \
+         pass the snapshot budget with it (status.dataplanes.failures lists them){first}",
+        r.revision.as_deref().unwrap_or("?"),
+        r.over_budget,
+        r.selected,
     )
 }
 
@@ -526,6 +619,8 @@ mod tests {
             selected,
             ready,
             failed,
+            over_budget: 0,
+            first_over_budget: None,
             failures: (0..failed)
                 .map(|i| {
                     (
@@ -660,6 +755,50 @@ mod tests {
         assert!(s3.dataplanes.as_ref().unwrap().failures.is_empty());
         let reasons: Vec<_> = events.iter().map(|e| e.reason.as_str()).collect();
         assert_eq!(reasons, ["Resolved", "RolledOut"]);
+    }
+
+    #[test]
+    fn a_filter_left_out_for_the_snapshot_budget_says_so_and_how_to_fix_it() {
+        let m = module("aa");
+        let r = resolved("aa", "r1");
+        let message = "the chain for dataplane node-0 would be 40000 bytes, over the snapshot \
+                       budget of 30000 bytes (--snapshot-budget); this filter adds 12000 bytes";
+        let mut ro = rollout(3, 2, 0);
+        ro.failed = 1;
+        ro.over_budget = 1;
+        ro.failures = vec![("node-0".into(), message.into())];
+        ro.first_over_budget = Some(message.into());
+        let (s, events) = run(1, None, &r, Some(&m), &ro, 10);
+        let c = get(&s, READY);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "SnapshotBudgetExceeded")
+        );
+        assert_eq!(
+            c.message,
+            format!(
+                "revision r1 is left out of the snapshots of 1 of 3 selected dataplanes, which \
+                 would pass the snapshot budget with it (status.dataplanes.failures lists them): \
+                 {message}"
+            )
+        );
+        let d = get(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "SnapshotBudgetExceeded")
+        );
+        let dp = s.dataplanes.as_ref().unwrap();
+        assert_eq!((dp.selected, dp.ready, dp.failed), (3, 2, 1));
+        assert_eq!(dp.failures[0].message, message);
+        let warnings: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Warning)
+            .map(|e| (e.reason.as_str(), e.note.as_str()))
+            .collect();
+        assert_eq!(warnings, [("SnapshotBudgetExceeded", c.message.as_str())]);
+        // Still over budget on the next reconcile: no second warning.
+        let (_, events) = run(1, Some(&s), &r, Some(&m), &ro, 20);
+        assert!(events.is_empty(), "{events:?}");
     }
 
     #[test]
@@ -850,10 +989,60 @@ mod tests {
         assert_eq!(mean_latency(f64::NAN, 2), None);
     }
 
-    /// The rate limit with a clock of our own: stats alone write at most once per interval
-    /// after the previous write; anything else writes at once.
+    fn figures(dataplanes: u32, invocations: u64, traps: u64, fail_closed: u64) -> StatsSummary {
+        StatsSummary {
+            dataplanes,
+            invocations,
+            traps,
+            fail_closed,
+            latency_count: invocations,
+            latency_sum_seconds: invocations as f64 * 0.000_1,
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn stats_alone_write_at_most_once_per_interval_and_other_changes_at_once() {
+    fn the_stats_state_is_reporting_dataplanes_first_failures_and_the_failure_rate() {
+        let state = |s: StatsSummary| StatsState::of(reported_stats(&s, None, &at(1)).as_ref());
+        assert_eq!(state(StatsSummary::default()), None);
+        let clean = state(figures(2, 1000, 0, 0)).unwrap();
+        assert_eq!(
+            clean,
+            StatsState {
+                dataplanes: 2,
+                trapped: false,
+                failed_closed: false,
+                vm_restarted: false,
+                failing: false,
+            }
+        );
+        assert_eq!(
+            state(figures(2, 1_000_000, 0, 0)),
+            Some(clean),
+            "counters alone"
+        );
+        assert_ne!(
+            state(figures(3, 1000, 0, 0)),
+            Some(clean),
+            "a dataplane joins"
+        );
+        let one_trap = state(figures(2, 1000, 1, 0)).unwrap();
+        assert!(one_trap.trapped && !one_trap.failing, "{one_trap:?}");
+        // 1% of invocations, traps and fail-closed refusals together: failing; below: not.
+        assert!(state(figures(2, 1000, 6, 4)).unwrap().failing);
+        assert!(!state(figures(2, 1001, 6, 4)).unwrap().failing);
+        let restarted = StatsSummary {
+            vm_restarts: 1,
+            ..figures(2, 1000, 0, 0)
+        };
+        assert!(state(restarted).unwrap().vm_restarted);
+    }
+
+    /// The stats rule with a clock of our own: counters growing write nothing, however long;
+    /// a state change writes, at most once per interval after the previous write; anything
+    /// else writes at once, with the current figures.
+    #[test]
+    fn stats_write_on_a_state_change_at_most_once_per_interval_and_other_changes_at_once() {
         const TEN: Duration = Duration::from_secs(10);
         let m = module("aa");
         let r = resolved("aa", "r1");
@@ -874,43 +1063,70 @@ mod tests {
         let ready = rollout(2, 2, 0);
 
         // The first status: written at once.
-        let s0 = with_stats(None, &ready, &summary(2, 0), 0);
+        let s0 = with_stats(None, &ready, &figures(2, 0, 0, 0), 0);
         assert_eq!(write_decision(None, &s0, None, t0, TEN), Write::Now);
         let mut written = s0;
         let mut last_write = t0;
-
-        // A report every second for 25 s, each with new figures: writes at 10 s and 20 s only.
         let mut writes = Vec::new();
-        for n in 1..=25 {
-            let s = with_stats(Some(&written), &ready, &summary(2, n * 100), n as i64);
-            match write_decision(Some(&written), &s, Some(last_write), secs(n), TEN) {
+        let mut step = |n: u64, st: StatsSummary, written: &mut WasmFilterStatus| {
+            let s = with_stats(Some(written), &ready, &st, n as i64);
+            let decision = write_decision(Some(written), &s, Some(last_write), secs(n), TEN);
+            match decision {
                 Write::Now => {
                     writes.push(n);
-                    written = s;
+                    *written = s;
                     last_write = secs(n);
                 }
                 Write::After(d) => assert_eq!(last_write + TEN, secs(n) + d, "due 10 s after"),
-                Write::Unchanged => panic!("figures changed at {n}"),
+                Write::CountersOnly | Write::Unchanged => {}
             }
+            decision
+        };
+
+        // Traffic for 60 s, a report every second: counters only, nothing written.
+        for n in 1..=60 {
+            let d = step(n, figures(2, n * 1000, 0, 0), &mut written);
+            assert_eq!(d, Write::CountersOnly, "at {n} s");
         }
-        assert_eq!(writes, [10, 20]);
-        assert_eq!(written.stats.as_ref().unwrap().invocations, 2000);
+        // The first trap: written at once (the previous write is old), with the figures then.
+        assert_eq!(step(61, figures(2, 61_000, 1, 0), &mut written), Write::Now);
+        assert_eq!(written.stats.as_ref().unwrap().invocations, 61_000);
+        assert_eq!(written.stats.as_ref().unwrap().traps, 1);
+        // The first fail-closed refusal 1 s later: due 10 s after the previous write.
+        assert_eq!(
+            step(62, figures(2, 62_000, 1, 1), &mut written),
+            Write::After(Duration::from_secs(9))
+        );
+        // A burst of 1,000 traps at 63 s: failing (≥ 1% of invocations) until traffic grows
+        // past 100,100 invocations at 101 s. Each state change waits for the interval, and
+        // what is written is the figures of then.
+        for n in 63..=120 {
+            step(n, figures(2, n * 1000, 1000, 1), &mut written);
+        }
+        assert_eq!(writes, [61, 71, 101]);
+        assert!(!StatsState::of(written.stats.as_ref()).unwrap().failing);
+        assert_eq!(written.stats.as_ref().unwrap().invocations, 101_000);
 
         // The same figures again: nothing to write, whenever.
-        let same = with_stats(Some(&written), &ready, &summary(2, 2000), 21);
+        let same = with_stats(Some(&written), &ready, &figures(2, 101_000, 1000, 1), 121);
         assert_eq!(
-            write_decision(Some(&written), &same, Some(last_write), secs(21), TEN),
+            write_decision(Some(&written), &same, Some(last_write), secs(121), TEN),
             Write::Unchanged
         );
 
-        // A rollout change 1 s after a stats write: written at once, with the latest stats.
+        // A rollout change 1 s after a stats write: written at once, with the latest figures.
         let progressing = rollout(3, 2, 0);
-        let s = with_stats(Some(&written), &progressing, &summary(3, 2500), 21);
+        let s = with_stats(
+            Some(&written),
+            &progressing,
+            &figures(3, 102_000, 1000, 1),
+            102,
+        );
         assert_eq!(
-            write_decision(Some(&written), &s, Some(last_write), secs(21), TEN),
+            write_decision(Some(&written), &s, Some(last_write), secs(102), TEN),
             Write::Now
         );
-        assert_eq!(s.stats.as_ref().unwrap().invocations, 2500);
+        assert_eq!(s.stats.as_ref().unwrap().invocations, 102_000);
         assert_eq!(s.dataplanes.as_ref().unwrap().selected, 3);
     }
 
