@@ -3,7 +3,8 @@
 //! checked-in baseline `bench/instructions-baseline.txt` for this build profile, with +15%
 //! tolerance. See bench/README.md ("Regression gate").
 //!
-//! Needs valgrind (`apt-get install valgrind`). Without it the test is skipped, except under
+//! Needs valgrind on PATH: `cargo xtask ci` installs it when run as root, else stops saying to
+//! run `sudo apt-get install -y valgrind`. Without it this test is skipped, except under
 //! CI=true, where it fails. After an intended change of cost, refresh the baseline:
 //!
 //!     WASMFILTER_UPDATE_BASELINE=1 cargo test -p wasmfilter-bench --test instructions
@@ -120,9 +121,10 @@ fn header_filter_path_instructions_stay_within_the_baseline() {
     if !has_valgrind() {
         assert!(
             std::env::var("CI").is_err(),
-            "valgrind is missing: CI must install it (apt-get install -y valgrind)"
+            "valgrind is not on PATH: install it with `sudo apt-get install -y valgrind` \
+             (`cargo xtask ci` does, when run as root)"
         );
-        eprintln!("skipped: valgrind is not installed (apt-get install valgrind)");
+        eprintln!("skipped: valgrind is not on PATH (sudo apt-get install -y valgrind)");
         return;
     }
     let measured = instructions_per_request();

@@ -1,9 +1,12 @@
 //! `cargo xtask demo`: builds the example filter from source and runs the dataplane standalone
 //! in front of its built-in echo upstream (examples/standalone.yaml).
-//! `cargo xtask ci`: every check CI runs (format, lints, all tests, with the e2e suite's API
-//! server, kubectl and Helm built first).
+//! `cargo xtask ci`: every check CI runs (format, lints, all tests), after setting up what they
+//! need: rustup components, system packages (installed as root, else named with the command),
+//! and the e2e suite's API server, kubectl, Helm and the tests' OCI registry, built first.
 
+use std::path::PathBuf;
 use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 
@@ -59,7 +62,7 @@ fn demo() -> anyhow::Result<()> {
     println!("    curl -si http://{}/hello", dataplane.proxy_addr);
     println!();
     println!(
-        "Admin: http://{0}/metrics  http://{0}/config_dump   (Ctrl-C to stop)",
+        "Admin: http://{0}/metrics  http://{0}/config_dump   (Enter or Ctrl-C to stop)",
         dataplane.admin_addr
     );
     let (tx, rx) = std::sync::mpsc::channel();
@@ -74,10 +77,40 @@ fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints `==> NAME (Ns)` for each step, with the seconds since the task started, so a long
+/// run says what it is doing and how far along it is.
+struct Steps {
+    started: Instant,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        Steps {
+            started: Instant::now(),
+        }
+    }
+
+    fn step(&self, name: &str) {
+        println!("\n==> {name} ({}s)", self.started.elapsed().as_secs());
+    }
+}
+
+/// Everything `cargo xtask ci` needs beyond Rust is set up here, so that the README's test
+/// command works on a fresh machine: rustup components and target, the system packages that
+/// cannot be done without (installed with apt-get when running as root, else named with the
+/// command to install them), and the e2e binaries built from pinned Go modules.
 fn ci() -> anyhow::Result<()> {
+    let steps = Steps::new();
+    steps.step("toolchain: rustfmt, clippy, the wasm32-wasip1 target");
+    ensure_components()?;
     ensure_wasm_target()?;
+    steps.step("system packages: Go, Node.js and npm, valgrind");
+    ensure_system_tools(SYSTEM_TOOLS, running_as_root() && on_path("apt-get"))?;
+    ensure_go_version()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    steps.step("format check: cargo fmt --all --check");
     run(Command::new(&cargo).args(["fmt", "--all", "--check"]))?;
+    steps.step("lints: cargo clippy --workspace --all-targets -- -D warnings");
     run(Command::new(&cargo).args([
         "clippy",
         "--workspace",
@@ -86,37 +119,178 @@ fn ci() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    // The e2e suite's real API server, kubectl and Helm, built from pinned Go modules and
-    // cached by version (the scripts return at once when cached); the tests fail without them
-    // when CI=true.
-    let mut e2e = e2e_tools()?;
+    // The e2e suite's real API server, kubectl and Helm, and the OCI registry the operator's,
+    // the dataplane's and the e2e tests push to, built from pinned Go modules and cached by
+    // version (the scripts return at once when cached); the tests fail without them when
+    // CI=true.
+    let mut env = e2e_tools(&steps)?;
     // `cargo test --workspace` builds every binary (for its package's own tests) before any
     // test runs: e2e/tests/flow.rs runs those rather than `cargo build -p` its own, which
     // resolves features differently and would compile both binaries a second time.
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || wasmfilter_testkit::repo_root().join("target"),
-        std::path::PathBuf::from,
+        PathBuf::from,
     );
-    e2e.push((
+    env.push((
         "WASMFILTER_E2E_OPERATOR",
         target.join("debug/wasmfilter-operator"),
     ));
-    e2e.push((
+    env.push((
         "WASMFILTER_E2E_DATAPLANE",
         target.join("debug/wasmfilter-dataplane"),
     ));
-    run(Command::new(&cargo)
-        .args(["test", "--workspace"])
-        .envs(e2e.iter().map(|(k, v)| (*k, v))))?;
+    // --no-fail-fast: every failing test binary is reported, not only the first.
+    steps.step("tests: cargo test --workspace --no-fail-fast");
+    let result = run(Command::new(&cargo)
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .envs(env.iter().map(|(k, v)| (*k, v))));
+    steps.step(if result.is_ok() {
+        "done"
+    } else {
+        "tests failed"
+    });
+    result
+}
+
+fn ensure_components() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed"])
+        .output()
+        .context("running rustup (install Rust with rustup)")?;
+    let installed = String::from_utf8_lossy(&installed.stdout);
+    for component in ["rustfmt", "clippy"] {
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
     Ok(())
 }
 
-/// Runs e2e/cluster/build.sh and e2e/helm/build.sh; returns the environment that points the
-/// e2e tests at what they built.
-fn e2e_tools() -> anyhow::Result<Vec<(&'static str, std::path::PathBuf)>> {
+/// A program the checks cannot do without, and the Debian packages that provide it.
+struct SystemTool {
+    program: &'static str,
+    packages: &'static [&'static str],
+    needed_for: &'static str,
+}
+
+const SYSTEM_TOOLS: &[SystemTool] = &[
+    SystemTool {
+        program: "go",
+        packages: &["golang-go"],
+        needed_for: "the Go SDK test filters, and the API server, kubectl, Helm and OCI registry \
+                     the tests run, built from pinned Go modules",
+    },
+    SystemTool {
+        program: "npm",
+        packages: &["nodejs", "npm"],
+        needed_for: "the AssemblyScript test filter",
+    },
+    SystemTool {
+        program: "valgrind",
+        packages: &["valgrind"],
+        needed_for: "the instruction-count gate (bench/tests/instructions.rs)",
+    },
+];
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Installs the missing ones with apt-get when `can_install` (running as root on a machine that
+/// has apt-get); otherwise stops at once, naming each missing program and the command that
+/// installs it.
+fn ensure_system_tools(tools: &[SystemTool], can_install: bool) -> anyhow::Result<()> {
+    let missing: Vec<&SystemTool> = tools.iter().filter(|t| !on_path(t.program)).collect();
+    for tool in tools.iter().filter(|t| on_path(t.program)) {
+        println!("{}: found", tool.program);
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages: Vec<&str> = missing
+        .iter()
+        .flat_map(|t| t.packages.iter().copied())
+        .collect();
+    if can_install {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        let still: Vec<&str> = missing
+            .iter()
+            .filter(|t| !on_path(t.program))
+            .map(|t| t.program)
+            .collect();
+        if !still.is_empty() {
+            bail!(
+                "apt-get installed {} but {} is still not on PATH",
+                packages.join(" "),
+                still.join(", ")
+            );
+        }
+        return Ok(());
+    }
+    let mut message = String::from("missing programs that `cargo xtask ci` needs:\n");
+    for tool in &missing {
+        message += &format!("  {}: for {}\n", tool.program, tool.needed_for);
+    }
+    message += &format!(
+        "install them with:\n    sudo apt-get install -y {}\nthen run `cargo xtask ci` again \
+         (run as root, it installs them itself)",
+        packages.join(" ")
+    );
+    bail!(message)
+}
+
+/// The Go modules under e2e/ say `go 1.26.0`: a Go of 1.24 or newer fetches that toolchain
+/// itself (GOTOOLCHAIN=auto); older ones cannot build them.
+fn ensure_go_version() -> anyhow::Result<()> {
+    let out = Command::new("go")
+        .arg("version")
+        .output()
+        .context("running go version")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{}", text.trim());
+    match go_minor_version(&text) {
+        Some(m) if m >= 24 => Ok(()),
+        Some(_) => bail!(
+            "{} is too old: the tests need Go 1.24 or newer (Debian 13: apt-get install golang-go; or a release of Go from its site)",
+            text.trim()
+        ),
+        None => bail!(
+            "could not read Go's version from `go version`: {:?}",
+            text.trim()
+        ),
+    }
+}
+
+/// The minor version in `go version`'s output (`go version go1.26.8 linux/amd64` → 26).
+fn go_minor_version(text: &str) -> Option<u32> {
+    text.split_whitespace()
+        .nth(2)?
+        .strip_prefix("go1.")?
+        .split(['.', 'r', 'b'])
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs e2e/cluster/build.sh, e2e/helm/build.sh and e2e/registry/build.sh, each its own step;
+/// returns the environment that points the tests at what they built.
+fn e2e_tools(steps: &Steps) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     let root = wasmfilter_testkit::repo_root();
-    let build = |script: &str| -> anyhow::Result<std::path::PathBuf> {
-        let started = std::time::Instant::now();
+    let build = |what: &str, script: &str| -> anyhow::Result<PathBuf> {
+        steps.step(&format!("{what}: {script}"));
+        let started = Instant::now();
         let mut cmd = Command::new("sh");
         cmd.arg(root.join(script))
             .stderr(std::process::Stdio::inherit());
@@ -133,18 +307,26 @@ fn e2e_tools() -> anyhow::Result<Vec<(&'static str, std::path::PathBuf)>> {
         println!("{path} ({:.1}s)", started.elapsed().as_secs_f64());
         Ok(path.into())
     };
-    let cluster = build("e2e/cluster/build.sh")?;
+    let cluster = build(
+        "kube-apiserver and kubectl for the e2e tests",
+        "e2e/cluster/build.sh",
+    )?;
     // build.sh puts kubectl-<version> beside cluster-<version>.
     let name = cluster.file_name().unwrap_or_default().to_string_lossy();
     let version = name
         .strip_prefix("cluster-")
         .with_context(|| format!("unexpected cluster binary name {name}"))?;
     let kubectl = cluster.with_file_name(format!("kubectl-{version}"));
-    let helm = build("e2e/helm/build.sh")?;
+    let helm = build("Helm for the e2e tests", "e2e/helm/build.sh")?;
+    let registry = build(
+        "the OCI registry for the operator's, dataplane's and e2e tests",
+        wasmfilter_testkit::registry::REGISTRY_BUILD_SCRIPT,
+    )?;
     Ok(vec![
         ("WASMFILTER_E2E_CLUSTER", cluster),
         ("WASMFILTER_E2E_KUBECTL", kubectl),
         ("WASMFILTER_E2E_HELM", helm),
+        (wasmfilter_testkit::registry::REGISTRY_BIN_VAR, registry),
     ])
 }
 
@@ -217,4 +399,50 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("{cmd:?} failed with {status}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_system_program_stops_with_the_command_that_installs_it() {
+        let tools = [
+            SystemTool {
+                program: "sh",
+                packages: &["dash"],
+                needed_for: "nothing",
+            },
+            SystemTool {
+                program: "wasmfilter-no-such-program",
+                packages: &["pkg-one", "pkg-two"],
+                needed_for: "this test",
+            },
+        ];
+        let err = ensure_system_tools(&tools, false).unwrap_err().to_string();
+        assert!(
+            err.contains("wasmfilter-no-such-program: for this test"),
+            "{err}"
+        );
+        assert!(
+            err.contains("sudo apt-get install -y pkg-one pkg-two\n"),
+            "{err}"
+        );
+        assert!(!err.contains("dash"), "a program found is not named: {err}");
+        assert!(ensure_system_tools(&tools[..1], false).is_ok());
+    }
+
+    #[test]
+    fn go_versions_are_read_from_go_version() {
+        assert_eq!(
+            go_minor_version("go version go1.26.8 linux/amd64"),
+            Some(26)
+        );
+        assert_eq!(
+            go_minor_version("go version go1.24rc1 linux/amd64"),
+            Some(24)
+        );
+        assert_eq!(go_minor_version("go version go1.19 linux/amd64"), Some(19));
+        assert_eq!(go_minor_version("go version devel +abc linux/amd64"), None);
+    }
 }
