@@ -35,13 +35,20 @@ use wasmfilter_api::control::FilterStats;
 
 use crate::control::ControlPlane;
 
-/// What `/ready` answers from. Both flags only ever go from false to true in a process: a
-/// replica that loses the lease exits (see `run`).
+/// What `/ready` answers from. `leader` and `synced` only ever go from false to true in a
+/// process (a replica that loses the lease exits, see `run`); the API server's reachability
+/// comes and goes with the controller's list-watch.
 #[derive(Debug, Default)]
 pub struct Health {
     leader: AtomicBool,
     synced: AtomicBool,
+    /// Since when every list or watch request to the API server has failed.
+    api_failing_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long the API server may stay unreachable before `/ready` says so: a watch renewal or
+/// one failed request is no reason to take the operator out of its Service.
+pub const API_UNREACHABLE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Health {
     pub fn set_leader(&self) {
@@ -51,6 +58,23 @@ impl Health {
     /// The controller's first list of WasmFilters has been processed.
     pub fn set_synced(&self) {
         self.synced.store(true, Ordering::SeqCst);
+    }
+
+    /// The latest list or watch request reached the API server (or failed).
+    pub fn set_api_reachable(&self, reachable: bool) {
+        let mut since = self.api_failing_since.lock().unwrap();
+        match (reachable, *since) {
+            (true, _) => *since = None,
+            (false, None) => *since = Some(std::time::Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
+    fn api_unreachable(&self) -> bool {
+        self.api_failing_since
+            .lock()
+            .unwrap()
+            .is_some_and(|t| t.elapsed() >= API_UNREACHABLE_GRACE)
     }
 
     pub fn is_leader(&self) -> bool {
@@ -64,9 +88,14 @@ impl Health {
     /// `Ok` when ready, else why not.
     pub fn readiness(&self) -> Result<(), &'static str> {
         match (self.is_leader(), self.is_synced()) {
-            (true, true) => Ok(()),
             (false, _) => Err("not the leader: waiting for the lease\n"),
-            (true, false) => Err("leader, waiting for the initial list of WasmFilters\n"),
+            (true, false) => {
+                Err("leader, waiting for the first list of WasmFilters and one reconcile of each\n")
+            }
+            (true, true) if self.api_unreachable() => Err(
+                "the Kubernetes API server has not answered the WasmFilter watch for 10s or more\n",
+            ),
+            (true, true) => Ok(()),
         }
     }
 }

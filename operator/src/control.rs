@@ -20,6 +20,12 @@ use crate::index::{FilterKey, FilterVersion, Index, Rollout};
 
 pub struct ControlPlane {
     index: RwLock<Index>,
+    /// False until the controller knows the whole truth: its first list of WasmFilters is
+    /// processed and every listed filter was reconciled once (published, or found not
+    /// deployable). Until then no stream sends a snapshot, so a restarted or newly elected
+    /// operator never sends a dataplane a chain that lacks filters it merely has not
+    /// reconciled yet; the dataplanes keep running what they have.
+    synced: watch::Sender<bool>,
     /// Bumped whenever a published filter changes; each stream recomputes its chain.
     chains: watch::Sender<u64>,
     /// Filters whose rollout (or stats) changed, for the controller's status writer.
@@ -84,6 +90,7 @@ impl ControlPlane {
     pub fn with_snapshot_budget(modules: Arc<ModuleCache>, budget: u64) -> Arc<ControlPlane> {
         Arc::new(ControlPlane {
             index: RwLock::new(Index::with_snapshot_budget(budget)),
+            synced: watch::channel(false).0,
             chains: watch::channel(0).0,
             rollouts: broadcast::channel(4096).0,
             modules,
@@ -92,6 +99,22 @@ impl ControlPlane {
             next_session: AtomicU64::new(1),
             counters: Counters::default(),
         })
+    }
+
+    /// Opens the gate of [`synced`](Self::subscribe_synced): snapshots may go out. Called by
+    /// the controller once; tests and tools that publish by hand call it themselves.
+    pub fn mark_synced(&self) {
+        self.synced
+            .send_if_modified(|s| !std::mem::replace(s, true));
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Becomes true once the control plane is synced (see the field's contract).
+    pub fn subscribe_synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
     }
 
     pub fn modules(&self) -> &Arc<ModuleCache> {

@@ -2,7 +2,7 @@
 //! status that says which module runs where.
 //!
 //! ```text
-//!  watch WasmFilters (all namespaces) ──► reflector store ──► Controller (≤ concurrency reconciles)
+//!  watch::wasmfilters (all namespaces) ──► reflector store ──► Controller (≤ concurrency reconciles)
 //!        │ Delete / relist: withdraw                               │
 //!        ▼                                                          ▼
 //!  ControlPlane::withdraw              reconcile: spec → domain types → pull secret → Resolver
@@ -21,7 +21,15 @@
 //!   are shared through the content-addressed cache), so a namespace cannot run a private
 //!   module another namespace pulled.
 //! - A spec that fails never withdraws the version already published: the dataplanes keep
-//!   it, and the Degraded condition says so.
+//!   it, and the Degraded condition says so. Across restarts too: a filter this process has
+//!   not published yet whose module cannot be resolved is published with the module its
+//!   status names, when that status speaks of the same generation or reference
+//!   ([`Context::last_known_good`]).
+//! - No snapshot before the first sync: the control plane's gate opens once the first list
+//!   is processed and every listed filter was reconciled once, whatever the outcome
+//!   ([`ControlPlane::mark_synced`]); until then dataplanes keep what they run.
+//! - Objects are decoded one by one ([`crate::watch`]): one that a JSON decoder cannot take
+//!   whole (a config nested too deep) is refused alone as an invalid spec.
 //! - Transient failures (registry unreachable, API errors) return an error, so
 //!   [`error_policy`] retries with backoff and a registry that comes back clears the condition
 //!   by itself; other failures are retried on the same backoff (a pull secret or a tag may be
@@ -68,6 +76,7 @@ use wasmfilter_oci::{Credentials, ResolveError, Resolver, credentials_from_docke
 use crate::admin::{Health, Metrics, ReasonLabel, ResultLabel};
 use crate::control::{ControlPlane, StatsSummary};
 use crate::index::{FilterKey, FilterVersion};
+use crate::watch::SpecNotes;
 use status::{EventKind, Failure, Resolution, reason};
 
 /// The one field manager of every status write.
@@ -173,6 +182,17 @@ struct FilterState {
     failures: u32,
 }
 
+/// The first sync of this process (see [`ControlPlane::mark_synced`]): the filters of the
+/// first list that have not been reconciled once yet.
+#[derive(Debug, Default)]
+struct FirstSync {
+    /// Keys of the first list, once it is complete; `None` before.
+    listed: Option<BTreeSet<FilterKey>>,
+    /// Keys reconciled at least once (with any outcome) since the process started.
+    reconciled: BTreeSet<FilterKey>,
+    done: bool,
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
@@ -182,6 +202,9 @@ pub struct Context {
     config: Config,
     filters: Mutex<HashMap<FilterKey, FilterState>>,
     store: OnceLock<Store<WasmFilter>>,
+    /// Why an object's spec could not be read whole (see [`crate::watch`]).
+    notes: Arc<SpecNotes>,
+    first_sync: Mutex<FirstSync>,
 }
 
 impl std::fmt::Debug for Context {
@@ -226,6 +249,8 @@ impl Context {
             config,
             filters: Mutex::default(),
             store: OnceLock::new(),
+            notes: Arc::default(),
+            first_sync: Mutex::default(),
         })
     }
 
@@ -240,11 +265,24 @@ impl Context {
     /// Watches WasmFilters in every namespace and reconciles them until `shutdown` completes
     /// (reconciles in flight finish first).
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-        let api: Api<WasmFilter> = Api::all(self.client.clone());
         let (reader, writer) = reflector::store();
         let _ = self.store.set(reader.clone());
         let observer = self.clone();
-        let objects = watcher(api, watcher::Config::default())
+        let metrics = self.config.metrics.clone();
+        let health = self.config.health.clone();
+        let hooks = crate::watch::Hooks {
+            notes: self.notes.clone(),
+            on_skip: Arc::new(move |_| {
+                metrics
+                    .reconcile_errors
+                    .get_or_create(&ReasonLabel {
+                        reason: "Unreadable".into(),
+                    })
+                    .inc();
+            }),
+            on_reachable: Arc::new(move |ok| health.set_api_reachable(ok)),
+        };
+        let objects = crate::watch::wasmfilters(self.client.clone(), hooks)
             .default_backoff()
             .reflect(writer)
             .inspect(move |event| observer.observe(event))
@@ -266,16 +304,24 @@ impl Context {
             .graceful_shutdown_on(shutdown)
             .run(reconcile, error_policy, self.clone())
             .for_each(move |result| {
+                let key_of_ref = |r: &ObjectRef<WasmFilter>| {
+                    FilterKey::new(r.namespace.clone().unwrap_or_default(), r.name.clone())
+                };
                 match result {
-                    Ok(_) => {}
+                    Ok((r, _)) => ctx.reconciled(key_of_ref(&r)),
                     // A reconcile scheduled (requeue, rollout) for an object that is gone.
                     Err(ControllerError::ObjectNotFound(r)) => {
-                        if let Some(ns) = &r.namespace {
-                            ctx.forget(&FilterKey::new(ns.clone(), r.name.clone()));
-                        }
+                        let key =
+                            FilterKey::new(r.namespace.clone().unwrap_or_default(), r.name.clone());
+                        ctx.forget(&key);
+                        ctx.reconciled(key);
                     }
-                    Err(ControllerError::ReconcilerFailed(e, _)) => {
+                    Err(ControllerError::ReconcilerFailed(e, r)) => {
                         tracing::warn!(error = %e, "reconcile failed; retrying with backoff");
+                        ctx.reconciled(FilterKey::new(
+                            r.namespace.clone().unwrap_or_default(),
+                            r.name.clone(),
+                        ));
                     }
                     Err(e) => tracing::warn!(error = %e, "WasmFilter watch"),
                 }
@@ -286,31 +332,75 @@ impl Context {
 
     /// Sees every watch event before the controller does: deletions withdraw, and the end of
     /// a (re)list withdraws whatever is no longer listed (deletions missed while the watch was
-    /// down) and marks the controller synced.
+    /// down); the end of the first list starts the countdown of the first sync.
     fn observe(&self, event: &Result<watcher::Event<WasmFilter>, watcher::Error>) {
         match event {
-            Ok(watcher::Event::Delete(obj)) => self.forget(&key_of(obj)),
+            Ok(watcher::Event::Delete(obj)) => {
+                let key = key_of(obj);
+                self.forget(&key);
+                self.reconciled(key);
+            }
             Ok(watcher::Event::InitDone) => {
-                if let Some(store) = self.store.get() {
-                    let listed: BTreeSet<FilterKey> =
-                        store.state().iter().map(|o| key_of(o)).collect();
-                    let gone: Vec<FilterKey> = self
-                        .filters
-                        .lock()
-                        .unwrap()
-                        .keys()
-                        .filter(|k| !listed.contains(k))
-                        .cloned()
-                        .collect();
-                    for key in gone {
-                        self.forget(&key);
-                    }
+                let listed: BTreeSet<FilterKey> = self
+                    .store
+                    .get()
+                    .map(|store| store.state().iter().map(|o| key_of(o)).collect())
+                    .unwrap_or_default();
+                let gone: Vec<FilterKey> = self
+                    .filters
+                    .lock()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| !listed.contains(k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    self.forget(&key);
                 }
-                self.config.health.set_synced();
+                let mut first = self.first_sync.lock().unwrap();
+                if first.listed.is_none() {
+                    tracing::info!(
+                        filters = listed.len(),
+                        "first list of WasmFilters done; snapshots wait until each is reconciled once"
+                    );
+                    first.listed = Some(listed);
+                }
+                drop(first);
+                self.check_first_sync();
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "WasmFilter watch failed; retrying"),
         }
+    }
+
+    /// `key` was reconciled (with any outcome) or is gone: one step of the first sync.
+    fn reconciled(&self, key: FilterKey) {
+        let mut first = self.first_sync.lock().unwrap();
+        if first.done {
+            return;
+        }
+        first.reconciled.insert(key);
+        drop(first);
+        self.check_first_sync();
+    }
+
+    /// Opens the control plane's snapshot gate once every filter of the first list has been
+    /// reconciled once: only then does this process know every filter the dataplanes should
+    /// run, so no dataplane is ever sent a chain that lacks one it has not looked at yet.
+    fn check_first_sync(&self) {
+        let mut first = self.first_sync.lock().unwrap();
+        let filters = match &first.listed {
+            Some(listed) if !first.done && listed.is_subset(&first.reconciled) => listed.len(),
+            _ => return,
+        };
+        first.done = true;
+        drop(first);
+        tracing::info!(
+            filters,
+            "every listed WasmFilter reconciled once; sending snapshots to the dataplanes"
+        );
+        self.control.mark_synced();
+        self.config.health.set_synced();
     }
 
     /// The filters whose stats, as `status.stats` would show them now, are in another state
@@ -392,36 +482,87 @@ impl Context {
         uid: &str,
         generation: i64,
     ) -> Result<(LabelSelector, FilterVersion, crd::ResolvedModule), Failure> {
-        let spec = &obj.spec;
-        let invalid = |e: SpecError| Failure {
-            reason: reason::INVALID_SPEC,
-            message: format!("{e}; fix the WasmFilter's spec"),
-            transient: false,
-        };
-        let location = ModuleLocation::try_from(&spec.module).map_err(invalid)?;
-        let selector = spec.label_selector().map_err(invalid)?;
-        let configuration = spec.configuration_bytes().map_err(invalid)?;
-        let vm_configuration = spec.vm_configuration_bytes().map_err(invalid)?;
-        let limits = FilterLimits::try_from(&spec.limits).map_err(invalid)?;
+        if let Some(problem) = self.notes.problem(uid) {
+            return Err(Failure {
+                reason: reason::INVALID_SPEC,
+                message: format!("{problem}; fix the WasmFilter's spec"),
+                transient: false,
+            });
+        }
+        let location = ModuleLocation::try_from(&obj.spec.module).map_err(invalid)?;
+        // Checked before the module is resolved: an invalid spec never costs a pull.
+        version_of(key, &obj.spec, &crd::ResolvedModule::default())?;
         let module = self.module(key, uid, generation, &location).await?;
-        let version = FilterVersion {
-            key: key.clone(),
-            module_digest: module.digest.clone(),
-            module_size: u64::try_from(module.size).unwrap_or(0),
-            root_id: spec.root_id.clone(),
-            configuration,
-            vm_id: scoped_vm_id(&key.namespace, &spec.vm.id),
-            vm_configuration,
-            env: spec.vm.env.clone(),
-            matches: RequestMatch::from(&spec.matches),
-            phase: spec.phase.into(),
-            priority: spec.priority,
-            failure_policy: spec.failure_policy.into(),
-            limits,
-        };
+        let (selector, version) = version_of(key, &obj.spec, &module)?;
         Ok((selector, version, module))
     }
 
+    /// The version to keep publishing when this process cannot resolve the module but has
+    /// published nothing for the filter yet (it just started, or just became leader): the
+    /// module its status says was resolved last, if that status speaks of the current spec
+    /// (written for this generation, or resolved from the same reference). Dataplanes
+    /// already hold that module and keep running it; only a successful resolution or a
+    /// spec change replaces it.
+    fn last_known_good(
+        &self,
+        obj: &WasmFilter,
+        key: &FilterKey,
+    ) -> Option<(LabelSelector, FilterVersion, crd::ResolvedModule)> {
+        if self.control.is_published(key) {
+            return None;
+        }
+        let status = obj.status.as_ref()?;
+        let module = status.module.clone().filter(|m| !m.digest.is_empty())?;
+        let same_source = match ModuleLocation::try_from(&obj.spec.module).ok()? {
+            ModuleLocation::Image { reference, .. } => module.resolved_from == reference,
+            ModuleLocation::Url { url, .. } => module.resolved_from == url,
+        };
+        let same_generation = status.observed_generation == obj.metadata.generation;
+        if !same_source && !same_generation {
+            return None;
+        }
+        let (selector, version) = version_of(key, &obj.spec, &module).ok()?;
+        Some((selector, version, module))
+    }
+}
+
+fn invalid(e: SpecError) -> Failure {
+    Failure {
+        reason: reason::INVALID_SPEC,
+        message: format!("{e}; fix the WasmFilter's spec"),
+        transient: false,
+    }
+}
+
+/// The spec in domain types, with `module` as the module: what is published.
+fn version_of(
+    key: &FilterKey,
+    spec: &crd::WasmFilterSpec,
+    module: &crd::ResolvedModule,
+) -> Result<(LabelSelector, FilterVersion), Failure> {
+    let selector = spec.label_selector().map_err(invalid)?;
+    let configuration = spec.configuration_bytes().map_err(invalid)?;
+    let vm_configuration = spec.vm_configuration_bytes().map_err(invalid)?;
+    let limits = FilterLimits::try_from(&spec.limits).map_err(invalid)?;
+    let version = FilterVersion {
+        key: key.clone(),
+        module_digest: module.digest.clone(),
+        module_size: u64::try_from(module.size).unwrap_or(0),
+        root_id: spec.root_id.clone(),
+        configuration,
+        vm_id: scoped_vm_id(&key.namespace, &spec.vm.id),
+        vm_configuration,
+        env: spec.vm.env.clone(),
+        matches: RequestMatch::from(&spec.matches),
+        phase: spec.phase.into(),
+        priority: spec.priority,
+        failure_policy: spec.failure_policy.into(),
+        limits,
+    };
+    Ok((selector, version))
+}
+
+impl Context {
     /// The module of `location`: this generation's earlier resolution when it may be reused,
     /// else a resolution against the registry with the namespace's credentials.
     async fn module(
@@ -692,6 +833,13 @@ pub async fn reconcile(obj: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action
                 })
                 .inc();
             tracing::info!(filter = %key, reason = failure.reason, message = %failure.message, "WasmFilter not deployable");
+            if failure.reason != reason::INVALID_SPEC
+                && let Some((selector, version, module)) = ctx.last_known_good(&obj, &key)
+            {
+                tracing::info!(filter = %key, digest = %module.digest, "keeping the module its status names published until it can be resolved again");
+                ctx.control.publish(selector, version);
+                ctx.with_state(&key, &uid, |s| s.published = Some(module));
+            }
             Resolution::Failed(failure)
         }
     };

@@ -229,12 +229,15 @@ async fn run_session(
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
 ) {
     let mut chains = control.subscribe_chains();
+    // No snapshot before the control plane is synced: until then the dataplane keeps its chain.
+    let mut synced = control.subscribe_synced();
     let mut version = 0u64;
     let mut last_sent: Option<BTreeMap<String, String>> = None;
     let mut pending: BTreeMap<u64, BTreeMap<String, String>> = BTreeMap::new();
     let mut dirty = true;
     loop {
-        if dirty {
+        let is_synced = *synced.borrow();
+        if dirty && is_synced {
             dirty = false;
             let chain = control.chain_for(&labels);
             let revisions: BTreeMap<String, String> = chain
@@ -318,7 +321,8 @@ async fn run_session(
                     break;
                 }
             },
-            _ = tokio::time::sleep(debounce), if dirty => {}
+            _ = synced.changed(), if !is_synced => {}
+            _ = tokio::time::sleep(debounce), if dirty && is_synced => {}
         }
     }
     tracing::info!(dataplane = %id, "dataplane disconnected");

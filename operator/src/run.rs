@@ -4,9 +4,12 @@
 //!  start ─► admin listener (/live, /ready=503, /metrics)
 //!        ─► [leader election: wait for the Lease]          (--no-leader-election skips it)
 //!        ─► leading: gRPC listener (FilterDiscovery) + WasmFilter controller
-//!             /ready=200 once the controller's first list is done
-//!        ─► stop (SIGTERM, Operator::stop): controller finishes its reconciles, gRPC
-//!             streams end, the Lease is released, then the admin listener closes
+//!             /ready=200 once every WasmFilter of the first list was reconciled once, and
+//!             while the API server answers the watch
+//!             (the first snapshot goes out once every listed filter was reconciled once)
+//!        ─► stop (SIGTERM, Operator::stop): controller finishes its reconciles (at most
+//!             STOP_TIMEOUT, then they are abandoned), gRPC streams end, the Lease is
+//!             released, then the admin listener closes
 //!        ─► Lease lost: everything stops and `wait` returns the error; the binary exits
 //!             non-zero and the Deployment restarts it as a follower
 //! ```
@@ -373,6 +376,10 @@ impl Stopper {
     }
 }
 
+/// How long a stop waits for reconciles in flight before abandoning them. Below the chart's
+/// termination grace period (30 s), with room for releasing the Lease.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Waits for the Lease (if any), then runs the gRPC server and the controller until a stop
 /// or the loss of the Lease.
 #[allow(clippy::too_many_arguments)]
@@ -422,18 +429,24 @@ async fn lead(
         }),
     };
     let _ = inner_stop.send(true);
-    // Reconciles in flight finish (a pull may take a while; bounded so a stop stays prompt).
+    // Reconciles in flight finish, within a bound: one stuck on an API server that does not
+    // answer (retrying a status write) must not hold the stop until the kubelet's SIGKILL.
+    // Streams just end; the dataplanes keep their chains and reconnect to the next leader.
+    let controller_abort = controller.abort_handle();
+    let grpc_abort = grpc.abort_handle();
     let drain = async {
         let _ = controller.await;
         if !grpc.is_finished() {
             let _ = grpc.await;
         }
     };
-    if tokio::time::timeout(Duration::from_secs(20), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the controller or gRPC server did not stop within 20s");
+    if tokio::time::timeout(STOP_TIMEOUT, drain).await.is_err() {
+        tracing::warn!(
+            "the controller or gRPC server did not stop within {STOP_TIMEOUT:?}; abandoning \
+             the reconciles still running (they are redone by the next leader)"
+        );
+        controller_abort.abort();
+        grpc_abort.abort();
     }
     outcome
 }

@@ -33,6 +33,8 @@ impl Operator {
             .unwrap();
         let cache = Arc::new(ModuleCache::open(cache_dir).unwrap());
         let control = ControlPlane::new(cache);
+        // No controller here: the test publishes by hand, so the control plane is synced.
+        control.mark_synced();
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind(addr))
             .unwrap();
@@ -421,6 +423,7 @@ fn with_certificates_the_link_is_mutual_tls_and_strangers_are_refused() {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let control = ControlPlane::new(Arc::new(ModuleCache::open(&cache).unwrap()));
+    control.mark_synced();
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
