@@ -102,7 +102,7 @@ fn vm_options() -> VmOptions {
 fn plugin_spec(config: &str) -> PluginSpec {
     PluginSpec {
         name: "bench".into(),
-        configuration: config.as_bytes().to_vec(),
+        configuration: config.as_bytes().into(),
         ..Default::default()
     }
 }

@@ -89,7 +89,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let root = vm.start_plugin(PluginSpec {
         name: "filter_path".into(),
-        configuration: CONFIG.as_bytes().to_vec(),
+        configuration: CONFIG.as_bytes().into(),
         ..Default::default()
     })?;
     // Check once that the filter did its work, so the count is of a working path.

@@ -533,7 +533,7 @@ fn cold_paths(bytes: &[u8], dir: &Path, quick: bool) -> anyhow::Result<ColdPaths
     };
     let spec = PluginSpec {
         name: "s7".into(),
-        configuration: TRIVIAL_CONFIG.as_bytes().to_vec(),
+        configuration: TRIVIAL_CONFIG.as_bytes().into(),
         ..Default::default()
     };
     let (mut inst, mut start) = (Vec::new(), Vec::new());

@@ -60,9 +60,10 @@ pub struct LoadedFilter {
 pub struct FilterDef {
     pub name: String,
     pub root_id: String,
-    pub configuration: Vec<u8>,
+    /// Shared (not copied) by the filter's VMs on every worker; see [`PluginSpec`].
+    pub configuration: Arc<[u8]>,
     pub vm_id: String,
-    pub vm_configuration: Vec<u8>,
+    pub vm_configuration: Arc<[u8]>,
     pub env: Vec<(String, String)>,
     pub matches: RequestMatch,
     pub phase: Phase,
@@ -251,9 +252,9 @@ impl Active {
             let def = FilterDef {
                 name: f.name.clone(),
                 root_id: f.root_id.clone(),
-                configuration: config::config_bytes(&f.config),
+                configuration: config::config_bytes(&f.config).into(),
                 vm_id: f.vm.id.clone(),
-                vm_configuration: config::config_bytes(&f.vm.config),
+                vm_configuration: config::config_bytes(&f.vm.config).into(),
                 env: f
                     .vm
                     .env

@@ -6,6 +6,23 @@
 //! and answers with an Ack naming the filters it refused. A refused filter keeps its last good
 //! revision; the others go live regardless. What runs is persisted in `stateDir`, so a
 //! restart serves the last good chain before (or without) the operator.
+//!
+//! **Incomplete snapshots never strip the chain.** A snapshot without `complete` (an operator
+//! that has not yet seen the whole truth, or one too old to say) that lists no filters while
+//! the dataplane runs at least one from the operator is refused whole: the running chain
+//! stays, nothing is written to `stateDir`, a warning says so, the refusal is counted
+//! (`wasmfilter_managed_snapshots_refused_total`), and no Ack is sent. No Ack, because the
+//! operator derives what a dataplane runs from its Acks (the acknowledged snapshot's filters,
+//! less the refused ones, plus the revisions they keep): an Ack for an empty snapshot would
+//! record "runs nothing" whatever errors it carried, while silence leaves the operator's record
+//! at the last Ack, which is what still runs. The next snapshot is applied and acknowledged as
+//! usual, and a complete empty one removes every filter. A snapshot that lists filters is
+//! never refused this way, even if none of them loads (each then keeps its own last good
+//! revision, or is NACKed).
+//!
+//! Configurations are copied out of the received message once per filter, into buffers shared
+//! by the filter's VMs: a `Bytes` field of a decoded message is a slice of the whole receive
+//! buffer, so keeping it would keep every byte of the snapshot that introduced the filter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -140,6 +157,11 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// An owned copy of a received buffer, for sharing: see the module doc.
+fn shared(bytes: &[u8]) -> Arc<[u8]> {
+    Arc::from(bytes)
+}
+
 /// Wire → definition. The operator validated the WasmFilter; this only refuses what a newer
 /// operator could send that this dataplane does not understand.
 fn definition(f: &control::Filter) -> Result<FilterDef, String> {
@@ -169,12 +191,20 @@ fn definition(f: &control::Filter) -> Result<FilterDef, String> {
         return Err("memory limit and callback timeout must be set".into());
     }
     let m = f.r#match.clone().unwrap_or_default();
+    let configuration = shared(&f.configuration);
+    let vm_configuration = shared(&f.vm_configuration);
+    // The definition kept for stateDir shares those buffers too.
+    let kept = control::Filter {
+        configuration: prost::bytes::Bytes::from_owner(configuration.clone()),
+        vm_configuration: prost::bytes::Bytes::from_owner(vm_configuration.clone()),
+        ..f.clone()
+    };
     Ok(FilterDef {
         name: f.name.clone(),
         root_id: f.root_id.clone(),
-        configuration: f.configuration.to_vec(),
+        configuration,
         vm_id: f.vm_id.clone(),
-        vm_configuration: f.vm_configuration.to_vec(),
+        vm_configuration,
         env: f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         matches: RequestMatch {
             hosts: m.hosts,
@@ -190,7 +220,7 @@ fn definition(f: &control::Filter) -> Result<FilterDef, String> {
             as usize,
         callback_timeout: Duration::from_millis(f.callback_timeout_ms.into()),
         log_level: LogLevel::Info,
-        managed: Some((f.revision.clone(), f.clone())),
+        managed: Some((f.revision.clone(), kept)),
     })
 }
 
@@ -360,6 +390,12 @@ async fn session(
                 let Some(control_message::Kind::Snapshot(snapshot)) = message.kind else { continue };
                 state.link.connected.store(true, Ordering::SeqCst);
                 let version = snapshot.version;
+                if let Some(running) = strips_incomplete(state, &snapshot) {
+                    state.metrics.snapshot_refused();
+                    tracing::warn!(version, "the operator sent an incomplete snapshot that would remove all {running} filters; keeping the running chain until a complete one arrives");
+                    // No Ack: see the module doc.
+                    continue;
+                }
                 let errors = apply(state, dir, &mut client, snapshot).await;
                 state.link.applied_version.store(version, Ordering::SeqCst);
                 state.link.synced.store(true, Ordering::SeqCst);
@@ -381,6 +417,13 @@ async fn session(
             }
         }
     }
+}
+
+/// Whether `snapshot` is one to refuse whole (module doc): not complete, no filters, while
+/// the dataplane runs some from the operator. Returns how many it runs.
+fn strips_incomplete(state: &State, snapshot: &Snapshot) -> Option<usize> {
+    let running = state.active.load().managed().len();
+    (!snapshot.complete && snapshot.filters.is_empty() && running > 0).then_some(running)
 }
 
 /// Applies one snapshot; returns the filters refused. Serialized with reloads by the swap

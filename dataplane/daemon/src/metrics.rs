@@ -49,6 +49,7 @@ pub struct Metrics {
     fail_closed: Family<FilterLabels, Counter>,
     vm_restarts: Family<FilterLabels, Counter>,
     vm_memory: Family<FilterLabels, Gauge>,
+    snapshots_refused: Counter,
     /// Callback latency per filter again, readable for the stats reported to the operator
     /// (prometheus-client histograms cannot be read back).
     latency: parking_lot::Mutex<std::collections::HashMap<String, Arc<LatencyTotals>>>,
@@ -80,6 +81,7 @@ impl Default for Metrics {
             fail_closed: Family::default(),
             vm_restarts: Family::default(),
             vm_memory: Family::default(),
+            snapshots_refused: Counter::default(),
             latency: Default::default(),
             registry: Registry::default(),
         };
@@ -132,6 +134,11 @@ impl Default for Metrics {
             "filter_vm_memory_bytes",
             "Linear memory of the filter's VM on the last worker that reported",
             m.vm_memory.clone(),
+        );
+        registry.register(
+            "managed_snapshots_refused",
+            "Snapshots from the operator refused whole: not complete, and they would have removed every filter running",
+            m.snapshots_refused.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -226,6 +233,10 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+    /// Managed mode refused a snapshot whole (see `crate::managed`).
+    pub fn snapshot_refused(&self) {
+        self.snapshots_refused.inc();
     }
     /// The series of filter `name` (shared by every configuration version of it).
     pub fn for_filter(&self, name: &str) -> FilterMetrics {

@@ -13,6 +13,10 @@ use crate::pairs::Fields;
 use crate::shared::{QueueReady, SharedState};
 
 /// One plugin (filter) as the host runs it: its identity and configuration.
+///
+/// Cloning is cheap: the configurations are shared, not copied, by every VM the plugin runs
+/// in (one per worker, and each rebuild). Their bytes reach guest memory only when the guest
+/// asks for the buffer (`proxy_get_buffer_bytes`, `proxy_get_configuration`).
 #[derive(Clone, Debug, Default)]
 pub struct PluginSpec {
     /// The filter's name (`plugin_name`), used in logs and metrics.
@@ -20,9 +24,9 @@ pub struct PluginSpec {
     /// `plugin_root_id`: selects the root context factory in multi-root modules ("" is valid).
     pub root_id: String,
     /// Passed to `proxy_on_vm_start` (buffer type VM_CONFIGURATION).
-    pub vm_configuration: Vec<u8>,
+    pub vm_configuration: Arc<[u8]>,
     /// Passed to `proxy_on_configure` (buffer type PLUGIN_CONFIGURATION).
-    pub configuration: Vec<u8>,
+    pub configuration: Arc<[u8]>,
     /// Where the plugin's own metrics go; share one registry between the plugin's VMs.
     pub metrics: Arc<MetricsRegistry>,
 }

@@ -169,7 +169,7 @@ fn options(logs: &Logs) -> VmOptions {
 fn spec() -> PluginSpec {
     PluginSpec {
         name: "hostile".into(),
-        configuration: b"hostile-config".to_vec(),
+        configuration: b"hostile-config".to_vec().into(),
         ..Default::default()
     }
 }

@@ -113,7 +113,7 @@ fn invalid_plugin_configuration_is_rejected_by_on_configure() {
     let err = vm
         .start_plugin(PluginSpec {
             name: "bad".into(),
-            configuration: b"{not json".to_vec(),
+            configuration: b"{not json".to_vec().into(),
             ..Default::default()
         })
         .unwrap_err();
@@ -654,7 +654,8 @@ fn vm_sharing_gives_each_plugin_its_own_root_context() {
     let spec = |name: &str, value: &str| PluginSpec {
         name: name.into(),
         configuration: format!(r#"{{"request": {{"add": {{"x-plugin": "{value}"}}}}}}"#)
-            .into_bytes(),
+            .into_bytes()
+            .into(),
         metrics: Arc::new(MetricsRegistry::default()),
         ..Default::default()
     };

@@ -112,8 +112,8 @@ impl<'a> Setup<'a> {
             .start_plugin(PluginSpec {
                 name: self.name.to_string(),
                 root_id: self.root_id.to_string(),
-                vm_configuration: self.vm_config.as_bytes().to_vec(),
-                configuration: self.config.as_bytes().to_vec(),
+                vm_configuration: self.vm_config.as_bytes().into(),
+                configuration: self.config.as_bytes().into(),
                 metrics: metrics.clone(),
             })
             .unwrap_or_else(|e| panic!("plugin starts: {e}; logs: {:?}", logs.messages()));
