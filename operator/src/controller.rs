@@ -878,20 +878,27 @@ pub async fn reconcile(obj: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action
         status::Write::CountersOnly => {}
         status::Write::After(delay) => stats_due = Some(delay),
         status::Write::Now => {
-            let api: Api<WasmFilter> = Api::namespaced(ctx.client.clone(), &key.namespace);
             let patch = serde_json::json!({
                 "apiVersion": "wasmfilter.dev/v1alpha1",
                 "kind": "WasmFilter",
                 "status": new_status,
             });
-            match api
-                .patch_status(
+            // The answer (the whole object) is not decoded: a spec nested too deep for a JSON
+            // decoder (see crate::watch) must not turn a status write that was applied into a
+            // failed reconcile that never raises its Event.
+            let write = kube::core::Request::new(WasmFilter::url_path(&(), Some(&key.namespace)))
+                .patch_subresource(
+                    "status",
                     &key.name,
                     &PatchParams::apply(FIELD_MANAGER).force(),
                     &Patch::Apply(&patch),
                 )
-                .await
-            {
+                .map_err(kube::Error::BuildRequest);
+            let written = match write {
+                Ok(request) => ctx.client.request_text(request).await.map(drop),
+                Err(e) => Err(e),
+            };
+            match written {
                 // Timed after the API server answered, so the next stats write is at least
                 // stats_interval after this one arrived.
                 Ok(_) => ctx.with_state(&key, &uid, |s| {

@@ -211,6 +211,23 @@ async fn a_restart_with_the_registry_down_sends_the_full_chain_first_and_refuses
             message.contains(&format!("spec.config is nested {levels} levels deep")),
             "{message}"
         );
+        // The status write's answer (the deep object itself) must not fail the reconcile
+        // before its Event is raised.
+        wait_for(
+            &format!("a Warning Event InvalidSpec for {name}"),
+            Duration::from_secs(20),
+            || {
+                api.events()
+                    .iter()
+                    .any(|e| {
+                        e["regarding"]["name"] == name
+                            && e["type"] == "Warning"
+                            && e["reason"] == "InvalidSpec"
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
     }
 
     // The operator is not blind: a deep object arriving on the watch is refused alone, and a
