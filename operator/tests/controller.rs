@@ -1,6 +1,7 @@
 //! The WasmFilter controller against a fake API server (tests/controller/fake_apiserver.rs)
-//! and a real registry (Debian's docker-registry): what a user sees in status, in Events and
-//! on the dataplanes (the control plane's published chain).
+//! and a real registry (the CNCF distribution registry, built from its Go module by
+//! e2e/registry/build.sh): what a user sees in status, in Events and on the dataplanes (the
+//! control plane's published chain).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
-//! Resolution against a real registry: the Debian `docker-registry` package (CNCF
-//! distribution), one process per test on a free loopback port, storage in a temp dir.
+//! Resolution against a real registry: the CNCF distribution registry built from its Go
+//! module (e2e/registry/build.sh), one process per test on a free loopback port, storage in a temp dir.
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -1,4 +1,5 @@
-//! Standalone mode with a filter pulled from a real OCI registry (Debian's docker-registry).
+//! Standalone mode with a filter pulled from a real OCI registry (the CNCF distribution
+//! registry, built from its Go module by e2e/registry/build.sh).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
