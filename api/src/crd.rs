@@ -487,12 +487,15 @@ pub struct WasmFilterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataplanes: Option<DataplaneStatus>,
 
-    /// What the dataplanes running this filter report about it, summed over them. Refreshed
-    /// at most once every 10 seconds (a change of the rollout or of a condition is written at
-    /// once and carries the latest figures), and only when a figure changed. Counts are totals
-    /// since each reporting dataplane started running the filter, so they drop when a dataplane
-    /// restarts or leaves. Absent while no dataplane reports the filter. The operator's
-    /// /metrics has the same figures per filter, without the delay.
+    /// What the dataplanes running this filter report about it, summed over them. Rewritten
+    /// when the figures change state (the number of reporting dataplanes, the first trap,
+    /// fail-closed refusal or VM restart, failures reaching or leaving 1% of invocations), at
+    /// most once per the operator's --status-stats-interval (60 s by default); a change of the
+    /// rollout or of a condition is written at once and carries the latest figures. Growing
+    /// counters alone are not written: the operator's /metrics has every figure per filter,
+    /// current. Counts are totals since each reporting dataplane started running the filter, so
+    /// they drop when a dataplane restarts or leaves. Absent while no dataplane reports the
+    /// filter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<ReportedStats>,
 
