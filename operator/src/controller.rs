@@ -304,24 +304,17 @@ impl Context {
             .graceful_shutdown_on(shutdown)
             .run(reconcile, error_policy, self.clone())
             .for_each(move |result| {
-                let key_of_ref = |r: &ObjectRef<WasmFilter>| {
-                    FilterKey::new(r.namespace.clone().unwrap_or_default(), r.name.clone())
-                };
                 match result {
-                    Ok((r, _)) => ctx.reconciled(key_of_ref(&r)),
+                    Ok((r, _)) => ctx.reconciled(key_of_ref(r.namespace.as_deref(), &r.name)),
                     // A reconcile scheduled (requeue, rollout) for an object that is gone.
                     Err(ControllerError::ObjectNotFound(r)) => {
-                        let key =
-                            FilterKey::new(r.namespace.clone().unwrap_or_default(), r.name.clone());
+                        let key = key_of_ref(r.namespace.as_deref(), &r.name);
                         ctx.forget(&key);
                         ctx.reconciled(key);
                     }
                     Err(ControllerError::ReconcilerFailed(e, r)) => {
                         tracing::warn!(error = %e, "reconcile failed; retrying with backoff");
-                        ctx.reconciled(FilterKey::new(
-                            r.namespace.clone().unwrap_or_default(),
-                            r.name.clone(),
-                        ));
+                        ctx.reconciled(key_of_ref(r.namespace.as_deref(), &r.name));
                     }
                     Err(e) => tracing::warn!(error = %e, "WasmFilter watch"),
                 }
@@ -490,11 +483,10 @@ impl Context {
             });
         }
         let location = ModuleLocation::try_from(&obj.spec.module).map_err(invalid)?;
-        // Checked before the module is resolved: an invalid spec never costs a pull.
-        version_of(key, &obj.spec, &crd::ResolvedModule::default())?;
+        // Converted before the module is resolved: an invalid spec never costs a pull.
+        let (selector, version) = version_of(key, &obj.spec)?;
         let module = self.module(key, uid, generation, &location).await?;
-        let (selector, version) = version_of(key, &obj.spec, &module)?;
-        Ok((selector, version, module))
+        Ok((selector, with_module(version, &module), module))
     }
 
     /// The version to keep publishing when this process cannot resolve the module but has
@@ -521,8 +513,8 @@ impl Context {
         if !same_source && !same_generation {
             return None;
         }
-        let (selector, version) = version_of(key, &obj.spec, &module).ok()?;
-        Some((selector, version, module))
+        let (selector, version) = version_of(key, &obj.spec).ok()?;
+        Some((selector, with_module(version, &module), module))
     }
 }
 
@@ -534,11 +526,10 @@ fn invalid(e: SpecError) -> Failure {
     }
 }
 
-/// The spec in domain types, with `module` as the module: what is published.
+/// The spec in domain types: what is published, once [`with_module`] names its module.
 fn version_of(
     key: &FilterKey,
     spec: &crd::WasmFilterSpec,
-    module: &crd::ResolvedModule,
 ) -> Result<(LabelSelector, FilterVersion), Failure> {
     let selector = spec.label_selector().map_err(invalid)?;
     let configuration = spec.configuration_bytes().map_err(invalid)?;
@@ -546,8 +537,8 @@ fn version_of(
     let limits = FilterLimits::try_from(&spec.limits).map_err(invalid)?;
     let version = FilterVersion {
         key: key.clone(),
-        module_digest: module.digest.clone(),
-        module_size: u64::try_from(module.size).unwrap_or(0),
+        module_digest: String::new(),
+        module_size: 0,
         root_id: spec.root_id.clone(),
         configuration,
         vm_id: scoped_vm_id(&key.namespace, &spec.vm.id),
@@ -560,6 +551,14 @@ fn version_of(
         limits,
     };
     Ok((selector, version))
+}
+
+fn with_module(version: FilterVersion, module: &crd::ResolvedModule) -> FilterVersion {
+    FilterVersion {
+        module_digest: module.digest.clone(),
+        module_size: u64::try_from(module.size).unwrap_or(0),
+        ..version
+    }
 }
 
 impl Context {
@@ -1014,6 +1013,11 @@ pub fn scoped_vm_id(namespace: &str, id: &str) -> String {
 /// CRD requires an explicit registry).
 fn registry_of(reference: &str) -> &str {
     reference.split('/').next().unwrap_or(reference)
+}
+
+/// The key of a controller ObjectRef (typed or dynamic: both carry these two fields).
+fn key_of_ref(namespace: Option<&str>, name: &str) -> FilterKey {
+    FilterKey::new(namespace.unwrap_or_default(), name)
 }
 
 fn key_of(obj: &WasmFilter) -> FilterKey {
