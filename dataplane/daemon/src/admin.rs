@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::proxy::{Body, full};
+use crate::body::{Body, full};
 use crate::state::State;
 
 pub async fn handle(

@@ -1,14 +1,25 @@
-//! A response or request body fed from a channel: the filter chain's output as it is produced.
+//! Bodies as the proxy hands them to hyper: boxed, and fed from a channel when the filter
+//! chain's output is produced piece by piece.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::HeaderMap;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
 
 /// The receiving end; a send of `Err` aborts the body (the peer sees a reset).
 pub struct ChannelBody {

@@ -10,6 +10,8 @@ pub mod admin;
 pub mod body;
 pub mod chain;
 pub mod config;
+pub mod error;
+pub mod fields;
 pub mod managed;
 pub mod metrics;
 pub mod native;

@@ -12,8 +12,9 @@ use hyper_util::rt::TokioExecutor;
 use wasmfilter_host::{Fields, HttpCallResponse, HttpCallout};
 
 use crate::body::BoxError;
+use crate::body::{Body, full};
 use crate::chain::Active;
-use crate::proxy::{Body, ProxyError, full};
+use crate::error::ProxyError;
 use crate::state::State;
 
 pub struct Clients {
@@ -70,7 +71,7 @@ pub async fn send(
             .map_err(|e: http::uri::InvalidUri| protocol(e.to_string()))?;
         let mut req = Request::builder().method(out.method).uri(uri);
         let hm = req.headers_mut().expect("builder is fresh");
-        *hm = crate::proxy::to_header_map(out.headers);
+        *hm = crate::fields::to_header_map(out.headers);
         if let Ok(host) = HeaderValue::from_str(out.authority) {
             hm.insert(http::header::HOST, host);
         }
@@ -195,7 +196,7 @@ pub async fn callout(
     let uri: Uri = format!("http://{endpoint}{path}").parse().ok()?;
     let mut req = Request::builder().method(method.as_str()).uri(uri);
     let hm = req.headers_mut()?;
-    *hm = crate::proxy::to_header_map(&call.headers);
+    *hm = crate::fields::to_header_map(&call.headers);
     if let Some(Ok(host)) = call.headers.get(":authority").map(HeaderValue::from_bytes) {
         hm.insert(http::header::HOST, host);
     }
@@ -205,7 +206,7 @@ pub async fn callout(
     } else {
         &state.clients.http1
     };
-    let timeout = crate::proxy::timeout_or(entry.config.timeout, call.timeout);
+    let timeout = timeout_or(entry.config.timeout, call.timeout);
     let resp = match tokio::time::timeout(timeout, client.request(req)).await {
         Ok(Ok(r)) => r,
         _ => {
@@ -220,7 +221,7 @@ pub async fn callout(
         .ok()?;
     let trailers = collected.trailers().cloned();
     let bytes: Bytes = collected.to_bytes();
-    Some(crate::proxy::callout_response(
+    Some(crate::fields::callout_response(
         Response::from_parts(parts, bytes),
         trailers,
     ))
@@ -285,13 +286,13 @@ pub async fn grpc_call(
         return GrpcOutcome::failed(GRPC_INTERNAL, "invalid service or method name");
     };
     let headers = req.headers_mut();
-    *headers = crate::proxy::to_header_map(&call.initial_metadata);
+    *headers = crate::fields::to_header_map(&call.initial_metadata);
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
     headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-    let timeout = crate::proxy::timeout_or(entry.config.timeout, call.timeout);
+    let timeout = timeout_or(entry.config.timeout, call.timeout);
     let result = tokio::time::timeout(timeout, async {
         let resp = state
             .clients
@@ -313,7 +314,7 @@ pub async fn grpc_call(
         Ok(Ok(v)) => v,
     };
     let mut initial = Fields::new();
-    crate::proxy::fields_from(&parts.headers, &mut initial);
+    crate::fields::fields_from(&parts.headers, &mut initial);
     let trailers = collected.trailers().cloned();
     let bytes = collected.to_bytes();
     let mut messages = Vec::new();
@@ -344,7 +345,7 @@ pub async fn grpc_call(
         .to_string();
     let trailing = trailers.map(|t| {
         let mut f = Fields::new();
-        crate::proxy::fields_from(&t, &mut f);
+        crate::fields::fields_from(&t, &mut f);
         f
     });
     GrpcOutcome {
@@ -354,4 +355,11 @@ pub async fn grpc_call(
         status,
         message,
     }
+}
+
+pub(crate) fn timeout_or(
+    cluster_timeout: std::time::Duration,
+    call_timeout: Option<std::time::Duration>,
+) -> std::time::Duration {
+    call_timeout.unwrap_or(cluster_timeout)
 }

@@ -1,0 +1,269 @@
+//! Filter dispatch: a filter's stream context on this request, one callback and the callouts
+//! it leads to, failure policies, and the end of every context.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmfilter_api::FailurePolicy;
+use wasmfilter_host::{
+    Action, CallbackError, Effect, HttpCallResponse, LocalResponse, SharedExchange, Vm,
+};
+
+use crate::chain::{Active, LoadedFilter, VmHandle, WORKER_VMS};
+use crate::error::ProxyError;
+use crate::state::State;
+
+/// A filter on this request: its VM context, whether it is still active, and the body data it
+/// holds while paused.
+pub(crate) struct Running {
+    pub(crate) filter: Arc<LoadedFilter>,
+    /// The VM this request's stream context lives in, pinned for the request's life.
+    pub(crate) vm: Option<VmHandle>,
+    pub(crate) ctx: u32,
+    pub(crate) skipped: bool,
+    /// A native filter that ran its request-header phase (it has no stream context, and no
+    /// body or trailer phases).
+    pub(crate) native: bool,
+    pub(crate) pending: Vec<u8>,
+}
+
+/// How a callback ended.
+pub(crate) enum Flow {
+    Continue,
+    /// A body callback paused with nothing outstanding: keep buffering for this filter.
+    Buffer,
+    Local(LocalResponse),
+    Reset,
+}
+
+/// Creates the filter's stream context; `false` if the filter is skipped (FailOpen).
+pub(crate) fn start_stream(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    exchange: &SharedExchange,
+    r: &mut Running,
+) -> Result<bool, ProxyError> {
+    let handle = WORKER_VMS.with(|vms| {
+        let mut vms = vms.borrow_mut();
+        vms.sync(active);
+        vms.get(&state.host, &r.filter, &active.embedder)
+    });
+    let result = handle.and_then(|(h, created)| {
+        if created {
+            let effects = h.borrow_mut().0.take_effects();
+            crate::timers::handle_root_effects(state, active, &r.filter, &h, effects);
+        }
+        let ctx = {
+            let mut guard = h.borrow_mut();
+            let (vm, root) = &mut *guard;
+            vm.create_stream(*root, exchange.clone())
+                .map_err(|e| e.to_string())?
+        };
+        r.vm = Some(h);
+        Ok(ctx)
+    });
+    match result {
+        Ok(ctx) => {
+            r.ctx = ctx;
+            Ok(true)
+        }
+        Err(message) => on_failure(r, message).map(|_| false),
+    }
+}
+
+/// Applies the filter's failure policy: FailOpen skips it, FailClosed refuses the request.
+pub(crate) fn on_failure(r: &mut Running, message: String) -> Result<(), ProxyError> {
+    r.skipped = true;
+    match r.filter.failure_policy {
+        FailurePolicy::FailOpen => {
+            r.filter.metrics.fail_open();
+            Ok(())
+        }
+        FailurePolicy::FailClosed => {
+            r.filter.metrics.fail_closed();
+            Err(ProxyError::FilterFailed {
+                filter: r.filter.name.clone(),
+                message,
+            })
+        }
+    }
+}
+
+pub(crate) fn with_vm<T>(
+    r: &Running,
+    f: impl FnOnce(&mut Vm, u32) -> Result<T, CallbackError>,
+) -> Result<T, CallbackError> {
+    match &r.vm {
+        Some(handle) => f(&mut handle.borrow_mut().0, r.ctx),
+        None => Err(CallbackError::UnknownContext(r.ctx)),
+    }
+}
+
+/// Runs one stream callback and everything it leads to (callouts and their answers) until the
+/// filter continues, replies locally, or resets the stream. `buffering`: a pause with nothing
+/// outstanding means "give me more body" ([`Flow::Buffer`]) rather than a stall.
+pub(crate) async fn callback(
+    state: &Arc<State>,
+    active: &Arc<Active>,
+    r: &mut Running,
+    buffering: bool,
+    call: impl FnOnce(&mut Vm, u32) -> Result<Action, CallbackError>,
+) -> Result<Flow, ProxyError> {
+    if r.skipped {
+        return Ok(Flow::Continue);
+    }
+    let started = Instant::now();
+    let result = with_vm(r, |vm, ctx| {
+        Ok((call(vm, ctx)?, vm.take_effects(), vm.memory_bytes()))
+    });
+    r.filter.metrics.callback(started.elapsed().as_secs_f64());
+    let (action, mut effects, memory) = match result {
+        Ok(v) => v,
+        Err(e) => return callback_failed(r, e).map(|_| Flow::Continue),
+    };
+    r.filter.metrics.vm_memory(memory);
+    let mut resumed = action == Action::Continue;
+    let mut pending = tokio::task::JoinSet::new();
+    loop {
+        for effect in std::mem::take(&mut effects) {
+            match effect {
+                Effect::LocalResponse { response, .. } => return Ok(Flow::Local(response)),
+                Effect::CloseStream { .. } => return Ok(Flow::Reset),
+                Effect::ContinueStream { context_id, .. } if context_id == r.ctx => resumed = true,
+                Effect::TickPeriod {
+                    root_context_id,
+                    period,
+                } => {
+                    if let Some(vm) = &r.vm {
+                        crate::timers::set_tick(
+                            state,
+                            active,
+                            &r.filter,
+                            vm,
+                            root_context_id,
+                            period,
+                        );
+                    }
+                }
+                Effect::HttpCall(call) => {
+                    let state = state.clone();
+                    let active = active.clone();
+                    pending.spawn_local(async move {
+                        let response = crate::upstream::callout(&state, &active, &call).await;
+                        Answer::Http(call.token, response)
+                    });
+                }
+                Effect::GrpcCall(call) => {
+                    let state = state.clone();
+                    let active = active.clone();
+                    pending.spawn_local(async move {
+                        let outcome = crate::upstream::grpc_call(&state, &active, &call).await;
+                        Answer::Grpc(call.token, outcome)
+                    });
+                }
+                Effect::GrpcStreamOpen(call) => {
+                    // Streaming gRPC callouts are not carried out yet: the filter is told the
+                    // stream is unavailable, as for an unreachable upstream.
+                    let token = call.token;
+                    match with_vm(r, |vm, _| {
+                        vm.on_grpc_close(
+                            token,
+                            14,
+                            "gRPC streams are not supported by this dataplane yet",
+                        )?;
+                        Ok(vm.take_effects())
+                    }) {
+                        Ok(more) => effects.extend(more),
+                        Err(e) => return callback_failed(r, e).map(|_| Flow::Continue),
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !effects.is_empty() {
+            continue;
+        }
+        if resumed {
+            return Ok(Flow::Continue);
+        }
+        if pending.is_empty() && buffering {
+            return Ok(Flow::Buffer);
+        }
+        let Some(Ok(answer)) = pending.join_next().await else {
+            return Err(ProxyError::FilterStalled {
+                filter: r.filter.name.clone(),
+            });
+        };
+        match with_vm(r, |vm, _| {
+            deliver(vm, answer)?;
+            Ok(vm.take_effects())
+        }) {
+            Ok(more) => effects = more,
+            Err(e) => return callback_failed(r, e).map(|_| Flow::Continue),
+        }
+    }
+}
+
+/// The answer to a callout, on its way back to the filter's root context.
+pub(crate) enum Answer {
+    Http(u32, Option<HttpCallResponse>),
+    Grpc(u32, crate::upstream::GrpcOutcome),
+}
+
+pub(crate) fn deliver(vm: &mut Vm, answer: Answer) -> Result<(), CallbackError> {
+    match answer {
+        Answer::Http(token, response) => vm.on_http_call_response(token, response),
+        Answer::Grpc(token, outcome) => {
+            if let Some(md) = outcome.initial_metadata {
+                vm.on_grpc_initial_metadata(token, md)?;
+            }
+            for message in outcome.messages {
+                vm.on_grpc_message(token, message)?;
+            }
+            if let Some(md) = outcome.trailing_metadata {
+                vm.on_grpc_trailing_metadata(token, md)?;
+            }
+            vm.on_grpc_close(token, outcome.status, &outcome.message)
+        }
+    }
+}
+
+pub(crate) fn callback_failed(r: &mut Running, e: CallbackError) -> Result<(), ProxyError> {
+    r.filter.metrics.trap();
+    if let Some(handle) = &r.vm {
+        WORKER_VMS.with(|vms| vms.borrow_mut().fail(&r.filter, handle, &e));
+    }
+    on_failure(r, e.to_string())
+}
+
+/// Ends every filter's stream context, whatever happened to the request.
+pub(crate) fn finish_all(running: &[Running]) {
+    for r in running.iter().filter(|r| r.ctx != 0) {
+        let Some(handle) = &r.vm else { continue };
+        let result = {
+            let mut guard = handle.borrow_mut();
+            let result = guard.0.finish_stream(r.ctx);
+            let _ = guard.0.take_effects();
+            result
+        };
+        WORKER_VMS.with(|vms| {
+            let mut vms = vms.borrow_mut();
+            match &result {
+                Ok(()) => vms.succeeded(&r.filter),
+                Err(e) => {
+                    tracing::warn!(filter = %r.filter.name, %e, "finishing the stream failed");
+                    vms.fail(&r.filter, handle, e);
+                }
+            }
+        });
+    }
+}
+
+/// A native filter's response-header phase (timed like a Wasm callback).
+pub(crate) fn native_response_headers(r: &Running, exchange: &SharedExchange) {
+    if let Some(native) = r.filter.native_filter() {
+        let started = Instant::now();
+        native.on_response_headers(&mut exchange.lock().response_headers);
+        r.filter.metrics.callback(started.elapsed().as_secs_f64());
+    }
+}
