@@ -11,15 +11,15 @@ use wasmtime::{Caller, Linker};
 
 use crate::abi::{BufferType, LogLevel, MapType, MetricType, Status, StreamType};
 use crate::exchange::{Effect, GrpcCallout, HttpCallout, LocalResponse};
-use crate::limits::{
-    MAX_GUEST_BUFFER_BYTES, MAX_LOG_MESSAGE_BYTES, MAX_PAIRS_BYTES, MAX_PENDING_CALLOUTS,
-};
+use crate::limits::{MAX_GUEST_BUFFER_BYTES, MAX_LOG_MESSAGE_BYTES, MAX_PAIRS_BYTES};
 use crate::memory::{
-    HostError, HostResult, copy_out, finish, read_bytes, read_string, write_u32, write_u64,
+    HostError, HostResult, check_range, copy_out, finish, read_bytes, read_string, write_u32,
+    write_u64,
 };
 use crate::metrics::MetricError;
-use crate::pairs::{self, Fields};
+use crate::pairs::{self, Fields, MapRole};
 use crate::properties::{self, Lookup, PropertyScope};
+use crate::quota::Limit;
 use crate::shared::{QueueOwner, SetError};
 use crate::state::{PendingCallout, Phase, VmState};
 
@@ -180,9 +180,11 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
         |c, map: i32, ptr: i32, len: i32| {
             guard(c, "proxy_set_header_map_pairs")?;
             let kind = MapType::from_i32(map).ok_or(Status::BadArgument)?;
-            let bytes = read_bytes(c, ptr, len, MAX_PAIRS_BYTES)?;
-            let fields = pairs::deserialize(&bytes).map_err(|_| Status::BadArgument)?;
-            with_map_mut(c.data(), kind, |m| *m = fields)
+            let fields = read_map(c, "proxy_set_header_map_pairs", role_of(kind), ptr, len)?;
+            with_map_mut(c.data(), kind, |m| {
+                *m = fields;
+                Ok(())
+            })
         }
     );
     hostcall!(
@@ -207,9 +209,17 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
         |c, map: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| {
             guard(c, "proxy_add_header_map_value")?;
             let kind = MapType::from_i32(map).ok_or(Status::BadArgument)?;
-            let key = read_string(c, kptr, klen, MAX_PAIRS_BYTES)?;
+            let key = read_string(c, kptr, klen, MAX_PAIRS_BYTES)?.to_ascii_lowercase();
             let value = read_bytes(c, vptr, vlen, MAX_PAIRS_BYTES)?;
-            with_map_mut(c.data(), kind, |m| m.add(&key, value))
+            let call = "proxy_add_header_map_value";
+            let s = c.data();
+            check_one(s, call, role_of(kind), &key, &value)?;
+            with_map_mut(s, kind, |m| {
+                let bytes = m.byte_size() + key.len() + value.len();
+                check_map_size(s, call, m.len() + 1, bytes)?;
+                m.add(&key, value);
+                Ok(())
+            })
         }
     );
     hostcall!(
@@ -217,9 +227,26 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
         |c, map: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| {
             guard(c, "proxy_replace_header_map_value")?;
             let kind = MapType::from_i32(map).ok_or(Status::BadArgument)?;
-            let key = read_string(c, kptr, klen, MAX_PAIRS_BYTES)?;
+            let key = read_string(c, kptr, klen, MAX_PAIRS_BYTES)?.to_ascii_lowercase();
             let value = read_bytes(c, vptr, vlen, MAX_PAIRS_BYTES)?;
-            with_map_mut(c.data(), kind, |m| m.set(&key, value))
+            let call = "proxy_replace_header_map_value";
+            let s = c.data();
+            check_one(s, call, role_of(kind), &key, &value)?;
+            with_map_mut(s, kind, |m| {
+                let (size, len) = (m.byte_size(), m.len());
+                let old: usize = m
+                    .iter()
+                    .filter(|(k, _)| *k == key)
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum();
+                let count = len + usize::from(old == 0);
+                let bytes = size - old + key.len() + value.len();
+                if count > len || bytes > size {
+                    check_map_size(s, call, count, bytes)?;
+                }
+                m.set(&key, value);
+                Ok(())
+            })
         }
     );
     hostcall!(
@@ -228,7 +255,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
             guard(c, "proxy_remove_header_map_value")?;
             let kind = MapType::from_i32(map).ok_or(Status::BadArgument)?;
             let key = read_string(c, kptr, klen, MAX_PAIRS_BYTES)?;
-            with_map_mut(c.data(), kind, |m| m.remove(&key))
+            with_map_mut(c.data(), kind, |m| {
+                m.remove(&key);
+                Ok(())
+            })
         }
     );
     hostcall!("proxy_get_header_map_size", |c, map: i32, ret: i32| {
@@ -287,11 +317,20 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
          hptr: i32,
          hlen: i32,
          grpc: i32| {
-            guard(c, "proxy_send_local_response")?;
+            let call = "proxy_send_local_response";
+            guard(c, call)?;
             let details = read_string(c, dptr, dlen, MAX_PAIRS_BYTES)?;
-            let body = read_bytes(c, bptr, blen, MAX_GUEST_BUFFER_BYTES)?;
-            let hbytes = read_bytes(c, hptr, hlen, MAX_PAIRS_BYTES)?;
-            let headers = pairs::deserialize(&hbytes).map_err(|_| Status::BadArgument)?;
+            let body_len = check_range(c, bptr, blen)?;
+            let max_body = c.data().quotas.local_reply_bytes;
+            if body_len > max_body {
+                c.data().refuse(
+                    Limit::LocalReplyBytes,
+                    format!("{call} refused with BAD_ARGUMENT: a {body_len}-byte body"),
+                );
+                return bad();
+            }
+            let body = read_bytes(c, bptr, blen, max_body)?;
+            let headers = read_map(c, call, MapRole::ResponseHeaders, hptr, hlen)?;
             let status = u16::try_from(status)
                 .ok()
                 .filter(|s| (100..=599).contains(s))
@@ -333,11 +372,12 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
          t_len: i32,
          timeout_ms: i32,
          ret_token: i32| {
-            guard(c, "proxy_http_call")?;
+            let call = "proxy_http_call";
+            guard(c, call)?;
             let cluster = read_string(c, up_ptr, up_len, MAX_PAIRS_BYTES)?;
-            let headers = read_pairs(c, h_ptr, h_len)?;
+            let headers = read_map(c, call, MapRole::RequestHeaders, h_ptr, h_len)?;
             let body = read_bytes(c, b_ptr, b_len, MAX_GUEST_BUFFER_BYTES)?;
-            let trailers = read_pairs(c, t_ptr, t_len)?;
+            let trailers = read_map(c, call, MapRole::Trailers, t_ptr, t_len)?;
             for required in [":method", ":path", ":authority"] {
                 if headers.get(required).is_none() {
                     c.data().emit_log(
@@ -356,7 +396,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
                 );
                 return bad();
             }
-            let (token, root, origin) = new_callout(c.data_mut(), false)?;
+            let (token, root, origin) = new_callout(c.data_mut(), call)?;
             c.data_mut().effects.push(Effect::HttpCall(HttpCallout {
                 token,
                 root_context_id: root,
@@ -548,13 +588,30 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
             let key = read_string(c, kptr, klen, MAX_PAIRS_BYTES)?;
             let value = read_bytes(c, vptr, vlen, MAX_GUEST_BUFFER_BYTES)?;
             let s = c.data();
-            match s.shared.set(&s.vm_id, &key, value, cas as u32) {
+            // Over a quota, CAS_MISMATCH: the only refusal the SDKs accept from this call.
+            match s.shared.set(
+                &s.vm_id,
+                &key,
+                value,
+                cas as u32,
+                s.quotas.shared_data_bytes,
+            ) {
                 Ok(_) => Ok(()),
                 Err(SetError::CasMismatch) => Err(Status::CasMismatch.into()),
                 Err(SetError::TooManyKeys) => {
                     s.emit_log(
                         LogLevel::Error,
                         format!("shared data is full; {key:?} not stored"),
+                    );
+                    Err(Status::CasMismatch.into())
+                }
+                Err(SetError::TooManyBytes(after, _)) => {
+                    s.refuse(
+                        Limit::SharedDataBytes,
+                        format!(
+                            "proxy_set_shared_data({key:?}) refused with CAS_MISMATCH: vm_id {:?}'s data would hold {after} bytes",
+                            s.vm_id
+                        ),
                     );
                     Err(Status::CasMismatch.into())
                 }
@@ -608,20 +665,36 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
     hostcall!(
         "proxy_enqueue_shared_queue",
         |c, id: i32, vptr: i32, vlen: i32| {
-            guard(c, "proxy_enqueue_shared_queue")?;
+            let call = "proxy_enqueue_shared_queue";
+            guard(c, call)?;
+            let len = check_range(c, vptr, vlen)?;
+            let (max_items, max_bytes) = (c.data().quotas.queue_items, c.data().quotas.queue_bytes);
+            if len > max_bytes {
+                c.data().refuse(
+                    Limit::QueueBytes,
+                    format!("{call} refused with BAD_ARGUMENT: a {len}-byte item is larger than the whole queue may hold"),
+                );
+                return bad();
+            }
             let value = read_bytes(c, vptr, vlen, MAX_GUEST_BUFFER_BYTES)?;
-            let dropped = c
+            // A full queue drops its oldest items: the SDKs accept only OK or NOT_FOUND here.
+            let done = c
                 .data()
                 .shared
-                .enqueue(id as u32, value)
+                .enqueue(id as u32, value, max_items, max_bytes)
                 .ok_or(Status::NotFound)?;
-            if dropped {
-                let s = c.data_mut();
-                s.queue_overflows += 1;
-                s.emit_log(
-                    LogLevel::Warn,
-                    format!("shared queue {id} is full; dropped its oldest item"),
-                );
+            let s = c.data_mut();
+            for (limit, n) in [
+                (Limit::QueueItems, done.dropped_for_items),
+                (Limit::QueueBytes, done.dropped_for_bytes),
+            ] {
+                if n > 0 {
+                    s.queue_overflows += n as u64;
+                    s.refuse(
+                        limit,
+                        format!("shared queue {id} is full; dropped its {n} oldest items"),
+                    );
+                }
             }
             Ok(())
         }
@@ -644,15 +717,33 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
     hostcall!(
         "proxy_define_metric",
         |c, kind: i32, nptr: i32, nlen: i32, ret_id: i32| {
-            guard(c, "proxy_define_metric")?;
+            let call = "proxy_define_metric";
+            guard(c, call)?;
             let kind = MetricType::from_i32(kind).ok_or(Status::BadArgument)?;
+            let len = check_range(c, nptr, nlen)?;
+            let s = c.data();
+            if len > s.quotas.metric_name_bytes {
+                s.refuse(
+                    Limit::MetricNameBytes,
+                    format!("{call} refused with BAD_ARGUMENT: a {len}-byte name"),
+                );
+                return bad();
+            }
             let name = read_string(c, nptr, nlen, MAX_PAIRS_BYTES)?;
             let id = {
-                let root = c.data().active_root().ok_or(Status::BadArgument)?;
-                root.plugin
-                    .metrics
-                    .define(kind, &name)
-                    .map_err(metric_status)?
+                let s = c.data();
+                let root = s.active_root().ok_or(Status::BadArgument)?;
+                match root.plugin.metrics.define(kind, &name, s.quotas.metrics) {
+                    Ok(id) => id,
+                    Err(MetricError::TooMany) => {
+                        s.refuse(
+                            Limit::Metrics,
+                            format!("{call}({name:?}) refused with BAD_ARGUMENT"),
+                        );
+                        return bad();
+                    }
+                    Err(e) => return Err(metric_status(e).into()),
+                }
             };
             write_u32(c, ret_id, id)?;
             Ok(())
@@ -745,7 +836,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
 fn metric_status(e: MetricError) -> Status {
     match e {
         MetricError::NotFound => Status::NotFound,
-        MetricError::BadArgument => Status::BadArgument,
+        MetricError::BadArgument | MetricError::TooMany => Status::BadArgument,
     }
 }
 
@@ -753,17 +844,88 @@ fn timeout(ms: i32) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms as u64))
 }
 
-fn read_pairs(c: &C<'_>, ptr: i32, len: i32) -> HostResult<Fields> {
+/// Reads a serialized map a guest hands over and checks it (see [`check_map`]).
+fn read_map(c: &C<'_>, call: &str, role: MapRole, ptr: i32, len: i32) -> HostResult<Fields> {
     let bytes = read_bytes(c, ptr, len, MAX_PAIRS_BYTES)?;
-    Ok(pairs::deserialize(&bytes).map_err(|_| Status::BadArgument)?)
+    let fields = pairs::deserialize(&bytes).map_err(|e| {
+        c.data().refuse(
+            Limit::HeaderSyntax,
+            format!("{call} refused with BAD_ARGUMENT: {e}"),
+        );
+        Status::BadArgument
+    })?;
+    check_map(c.data(), call, role, &fields)?;
+    Ok(fields)
+}
+
+/// The rules a map written by a guest follows: the map's role decides its pseudo-headers.
+fn role_of(kind: MapType) -> MapRole {
+    match kind {
+        MapType::HttpRequestHeaders => MapRole::RequestHeaders,
+        MapType::HttpResponseHeaders => MapRole::ResponseHeaders,
+        _ => MapRole::Trailers,
+    }
+}
+
+/// Checks a whole map against the header rules ([`pairs::check_field`]) and the filter's
+/// per-map quotas. A refusal is counted, logged (rate-limited) and answered BAD_ARGUMENT.
+fn check_map(s: &VmState, call: &str, role: MapRole, fields: &Fields) -> HostResult {
+    if let Err(e) = pairs::check_fields(role, fields) {
+        s.refuse(
+            Limit::HeaderSyntax,
+            format!("{call} refused with BAD_ARGUMENT: {e}"),
+        );
+        return bad();
+    }
+    check_map_size(s, call, fields.len(), fields.byte_size())
+}
+
+/// Checks one field a guest writes (see [`check_map`]).
+fn check_one(s: &VmState, call: &str, role: MapRole, name: &str, value: &[u8]) -> HostResult {
+    if let Err(e) = pairs::check_field(role, name, value) {
+        s.refuse(
+            Limit::HeaderSyntax,
+            format!("{call} refused with BAD_ARGUMENT: {e}"),
+        );
+        return bad();
+    }
+    Ok(())
+}
+
+/// Checks what a map would hold against `headerCount` and `headerBytes`.
+fn check_map_size(s: &VmState, call: &str, count: usize, bytes: usize) -> HostResult {
+    if count > s.quotas.header_count {
+        s.refuse(
+            Limit::HeaderCount,
+            format!("{call} refused with BAD_ARGUMENT: the map would hold {count} fields"),
+        );
+        return bad();
+    }
+    if bytes > s.quotas.header_bytes {
+        s.refuse(
+            Limit::HeaderBytes,
+            format!("{call} refused with BAD_ARGUMENT: the map would hold {bytes} bytes"),
+        );
+        return bad();
+    }
+    Ok(())
 }
 
 /// Registers a callout for the active context's root and returns (token, root, origin).
-fn new_callout(s: &mut VmState, grpc: bool) -> HostResult<(u32, u32, u32)> {
+/// Past the filter's `pendingCallouts` the call answers INTERNAL_FAILURE (the status every
+/// SDK accepts from a dispatch).
+fn new_callout(s: &mut VmState, call: &str) -> HostResult<(u32, u32, u32)> {
+    let grpc = call != "proxy_http_call";
     let origin = s.active_context().ok_or(Status::InternalFailure)?;
     let root = s.root_of(origin).ok_or(Status::InternalFailure)?;
-    if s.callouts.len() >= MAX_PENDING_CALLOUTS {
-        s.emit_log(LogLevel::Error, "too many callouts outstanding".into());
+    if s.callouts.len() >= s.quotas.pending_callouts {
+        s.refuse(
+            Limit::PendingCallouts,
+            format!(
+                "{call} refused with INTERNAL_FAILURE: {} callouts outstanding",
+                s.callouts.len()
+            ),
+        );
         return Err(Status::InternalFailure.into());
     }
     let token = s.fresh_token();
@@ -781,7 +943,7 @@ fn read_grpc(c: &mut C<'_>, a: [i32; 8]) -> HostResult<GrpcCallout> {
     let cluster = read_string(c, a[0], a[1], MAX_PAIRS_BYTES)?;
     let service = read_string(c, a[2], a[3], MAX_PAIRS_BYTES)?;
     let method = read_string(c, a[4], a[5], MAX_PAIRS_BYTES)?;
-    let initial_metadata = read_pairs(c, a[6], a[7])?;
+    let initial_metadata = read_map(c, "proxy_grpc_call", MapRole::Trailers, a[6], a[7])?;
     if !c.data().embedder.has_cluster(&cluster) {
         c.data().emit_log(
             LogLevel::Warn,
@@ -789,7 +951,7 @@ fn read_grpc(c: &mut C<'_>, a: [i32; 8]) -> HostResult<GrpcCallout> {
         );
         return Err(Status::ParseFailure.into());
     }
-    let (token, root, origin) = new_callout(c.data_mut(), true)?;
+    let (token, root, origin) = new_callout(c.data_mut(), "proxy_grpc_call")?;
     Ok(GrpcCallout {
         token,
         root_context_id: root,
@@ -896,7 +1058,11 @@ fn with_map<R>(s: &VmState, kind: MapType, f: impl FnOnce(&Fields) -> R) -> Host
 /// Runs `f` on a writable stream map. Callout and gRPC maps are read-only, and a stream map
 /// outside a stream has nowhere to go: both are logged and otherwise ignored, because the
 /// Rust SDK accepts only OK from the map setters.
-fn with_map_mut(s: &VmState, kind: MapType, f: impl FnOnce(&mut Fields)) -> HostResult {
+fn with_map_mut(
+    s: &VmState,
+    kind: MapType,
+    f: impl FnOnce(&mut Fields) -> HostResult,
+) -> HostResult {
     let Some(stream) = s.active_stream() else {
         s.emit_log(
             LogLevel::Warn,
@@ -916,7 +1082,7 @@ fn with_map_mut(s: &VmState, kind: MapType, f: impl FnOnce(&mut Fields)) -> Host
                 LogLevel::Warn,
                 format!("header map {kind:?} is read-only; change ignored"),
             );
+            Ok(())
         }
     }
-    Ok(())
 }

@@ -19,9 +19,10 @@ pub const MAX_LOG_MESSAGE_BYTES: usize = 64 * 1024;
 pub const MAX_QUEUE_ITEMS: usize = 10_000;
 /// Most keys in one vm_id's shared data.
 pub const MAX_SHARED_DATA_KEYS: usize = 100_000;
-/// Most metrics one plugin may define.
+/// Most metrics one plugin may define: the hard ceiling of `limits.metrics`.
 pub const MAX_METRICS_PER_PLUGIN: usize = 10_000;
-/// Most callouts (HTTP and gRPC) outstanding per VM.
+/// Most callouts (HTTP and gRPC) outstanding per VM: the hard ceiling of
+/// `limits.pendingCallouts`.
 pub const MAX_PENDING_CALLOUTS: usize = 10_000;
 /// Most live stream contexts per VM.
 pub const MAX_CONTEXTS: usize = 1 << 20;
@@ -46,3 +47,50 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 pub const MAX_WASM_STACK_BYTES: usize = 1 << 20;
 /// Most instances the pooling allocator keeps slots for.
 pub const POOL_TOTAL_INSTANCES: u32 = 1000;
+
+// ---- Per-filter quotas ---------------------------------------------------------------------
+// Every host resource a guest can grow, with its default. Each is set per filter
+// ([`Quotas`], the dataplane's `limits` block), enforced at the hostcall with the status the
+// ABI allows there, counted (`wasmfilter_filter_quota_refusals_total{filter,limit}`) and
+// logged at most once per [`QUOTA_LOG_INTERVAL`] per filter and limit.
+
+/// Bytes (keys plus values) of one vm_id's shared data. 64 MiB: room for caches of
+/// thousands of entries; without it, 16 MiB values under new keys grew the host by 3.3 GB
+/// in 200 requests. Over it, `proxy_set_shared_data` answers CAS_MISMATCH (the only refusal
+/// the SDKs accept there).
+pub const DEFAULT_SHARED_DATA_BYTES: usize = 64 << 20;
+/// Bytes held by one shared queue. 16 MiB: one maximal item, or many small ones; a full
+/// queue drops its oldest items (the SDKs accept only OK or NOT_FOUND from an enqueue).
+pub const DEFAULT_QUEUE_BYTES: usize = 16 << 20;
+/// Items held by one shared queue (oldest dropped past it).
+pub const DEFAULT_QUEUE_ITEMS: usize = MAX_QUEUE_ITEMS;
+/// Metrics one filter may define. 1,000: far more series than a dashboard reads, and it
+/// keeps `/metrics` bounded when a filter defines one metric per request.
+pub const DEFAULT_METRICS: usize = 1_000;
+/// Longest metric name (tags included). 512 bytes: Envoy-style tagged names stay well under
+/// it; a 60,000-byte name is refused with BAD_ARGUMENT.
+pub const DEFAULT_METRIC_NAME_BYTES: usize = 512;
+/// Most fields a filter may put in one header or trailer map. 1,024 (the pairs decoder's
+/// own limit): above what any HTTP server accepts, far below `http::HeaderMap`'s panic at
+/// 32,768.
+pub const DEFAULT_HEADER_COUNT: usize = 1_024;
+/// Most bytes (names plus values) a filter may put in one header or trailer map: 1 MiB, the
+/// size of the largest serialized map a guest may hand over.
+pub const DEFAULT_HEADER_BYTES: usize = MAX_PAIRS_BYTES;
+/// Callouts (HTTP and gRPC) one VM may have outstanding. 1,000: each holds its request
+/// until answered; past it, dispatch answers INTERNAL_FAILURE.
+pub const DEFAULT_PENDING_CALLOUTS: usize = 1_000;
+/// Largest local reply body (`proxy_send_local_response`): 1 MiB, for error pages and
+/// small generated answers; over it the call answers BAD_ARGUMENT.
+pub const DEFAULT_LOCAL_REPLY_BYTES: usize = 1 << 20;
+/// Log records one filter may emit per second, all workers together (with a burst of as
+/// many); excess records are dropped and counted. 1,000: a filter logging every request at
+/// a few hundred requests per second fits; 7,800 records per request does not.
+pub const DEFAULT_LOG_RECORDS_PER_SECOND: u32 = 1_000;
+/// A quota refusal is logged at most once per this interval per filter and limit, with the
+/// number of refusals not logged since.
+pub const QUOTA_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Highest value any byte quota may be set to (1 GiB): a typo cannot lift a quota entirely.
+pub const MAX_QUOTA_BYTES: usize = 1 << 30;
+/// Highest value any count quota may be set to.
+pub const MAX_QUOTA_COUNT: usize = 1 << 20;

@@ -46,6 +46,8 @@ fn range(ptr: i32, len: i32, size: usize) -> Result<std::ops::Range<usize>, Stat
 }
 
 /// Copies `len` bytes at `ptr` out of guest memory. A null pointer with length 0 is empty.
+/// A range outside memory is `INVALID_MEMORY_ACCESS` (checked first, as the ABI asks); a
+/// range inside it but longer than `max` is `BAD_ARGUMENT`.
 pub(crate) fn read_bytes(
     caller: &Caller<'_, VmState>,
     ptr: i32,
@@ -55,13 +57,27 @@ pub(crate) fn read_bytes(
     if len == 0 {
         return Ok(Vec::new());
     }
-    if len as u32 as usize > max {
-        return Err(Status::BadArgument);
-    }
     let mem = memory(caller)?;
     let data = mem.data(caller);
     let r = range(ptr, len, data.len())?;
+    if r.len() > max {
+        return Err(Status::BadArgument);
+    }
     Ok(data[r].to_vec())
+}
+
+/// Checks that `len` bytes at `ptr` lie inside guest memory, without copying them; returns
+/// the length. For a caller that compares the length with a quota before reading.
+pub(crate) fn check_range(
+    caller: &Caller<'_, VmState>,
+    ptr: i32,
+    len: i32,
+) -> Result<usize, Status> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let size = memory(caller)?.data_size(caller);
+    Ok(range(ptr, len, size)?.len())
 }
 
 /// Reads a guest string (lossy UTF-8).

@@ -50,6 +50,8 @@ struct Metric {
 pub enum MetricError {
     NotFound,
     BadArgument,
+    /// The plugin has defined as many metrics as it may.
+    TooMany,
 }
 
 /// A point-in-time copy of one metric, for exposition.
@@ -82,7 +84,14 @@ pub fn split_tags(defined: &str) -> (String, Vec<(String, String)>) {
 
 impl MetricsRegistry {
     /// Defines (or finds) a metric; ids encode the type in their low two bits, as cpp-host does.
-    pub fn define(&self, kind: MetricType, name: &str) -> Result<u32, MetricError> {
+    /// A new metric past `max_metrics` (never above [`MAX_METRICS_PER_PLUGIN`]) is refused
+    /// with [`MetricError::TooMany`].
+    pub fn define(
+        &self,
+        kind: MetricType,
+        name: &str,
+        max_metrics: usize,
+    ) -> Result<u32, MetricError> {
         let key = (name.to_string(), kind as u8);
         if let Some(&id) = self.inner.read().by_name.get(&key) {
             return Ok(id);
@@ -91,8 +100,8 @@ impl MetricsRegistry {
         if let Some(&id) = inner.by_name.get(&key) {
             return Ok(id);
         }
-        if inner.metrics.len() >= MAX_METRICS_PER_PLUGIN {
-            return Err(MetricError::BadArgument);
+        if inner.metrics.len() >= max_metrics.min(MAX_METRICS_PER_PLUGIN) {
+            return Err(MetricError::TooMany);
         }
         let index = inner.metrics.len() as u32;
         inner.metrics.push(Metric {
@@ -163,6 +172,15 @@ impl MetricsRegistry {
         })?
     }
 
+    /// How many metrics are defined.
+    pub fn len(&self) -> usize {
+        self.inner.read().metrics.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Every metric defined so far.
     pub fn snapshot(&self) -> Vec<MetricSnapshot> {
         let inner = self.inner.read();
@@ -215,10 +233,10 @@ mod tests {
     #[test]
     fn counters_gauges_histograms_follow_the_abi() {
         let r = MetricsRegistry::default();
-        let c = r.define(MetricType::Counter, "c").unwrap();
-        let g = r.define(MetricType::Gauge, "g").unwrap();
-        let h = r.define(MetricType::Histogram, "h").unwrap();
-        assert_eq!(r.define(MetricType::Counter, "c").unwrap(), c);
+        let c = r.define(MetricType::Counter, "c", 10).unwrap();
+        let g = r.define(MetricType::Gauge, "g", 10).unwrap();
+        let h = r.define(MetricType::Histogram, "h", 10).unwrap();
+        assert_eq!(r.define(MetricType::Counter, "c", 10).unwrap(), c);
         r.increment(c, 2).unwrap();
         assert_eq!(r.increment(c, -1), Err(MetricError::BadArgument));
         r.record(c, 3).unwrap();
@@ -238,6 +256,11 @@ mod tests {
         assert_eq!(snap.buckets[2], 1); // <= 5
         assert_eq!(*snap.buckets.last().unwrap(), 2);
         assert_eq!(r.get(12345), Err(MetricError::NotFound));
+        assert_eq!(
+            r.define(MetricType::Counter, "new", 3),
+            Err(MetricError::TooMany)
+        );
+        assert_eq!(r.define(MetricType::Counter, "c", 3).unwrap(), c);
     }
 
     #[test]

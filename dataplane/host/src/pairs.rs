@@ -142,6 +142,10 @@ pub enum PairsError {
     TooManyPairs(usize),
     #[error("serialized map is truncated or its lengths do not add up")]
     Malformed,
+    #[error("serialized map has byte {0:#04x} where a pair's terminating NUL belongs")]
+    MissingNul(u8),
+    #[error("serialized map has {0} bytes after its last pair")]
+    TrailingBytes(usize),
 }
 
 /// Parses a guest's serialized map. Names are lowercased (as Envoy does); values stay bytes.
@@ -168,20 +172,151 @@ pub fn deserialize(bytes: &[u8]) -> Result<Fields, PairsError> {
     }
     let mut at = 4 + count * 8;
     let mut fields = Vec::with_capacity(count);
-    for (klen, vlen) in lens {
-        let key = bytes.get(at..at + klen).ok_or(PairsError::Malformed)?;
-        at += klen + 1;
-        let value = bytes.get(at..at + vlen).ok_or(PairsError::Malformed)?;
-        at += vlen + 1;
-        if at > bytes.len() {
-            return Err(PairsError::Malformed);
+    // Each piece is followed by a NUL, which must be there.
+    let piece = |at: &mut usize, len: usize| -> Result<&[u8], PairsError> {
+        let end = at.checked_add(len).ok_or(PairsError::Malformed)?;
+        let data = bytes.get(*at..end).ok_or(PairsError::Malformed)?;
+        match bytes.get(end) {
+            Some(0) => {}
+            Some(b) => return Err(PairsError::MissingNul(*b)),
+            None => return Err(PairsError::Malformed),
         }
+        *at = end + 1;
+        Ok(data)
+    };
+    for (klen, vlen) in lens {
+        let key = piece(&mut at, klen)?;
+        let value = piece(&mut at, vlen)?;
         fields.push((
             String::from_utf8_lossy(key).to_ascii_lowercase(),
             value.to_vec(),
         ));
     }
+    if at != bytes.len() {
+        return Err(PairsError::TrailingBytes(bytes.len() - at));
+    }
     Ok(Fields(fields))
+}
+
+/// Which map a guest writes, which decides the pseudo-headers it may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapRole {
+    /// Request headers (of the stream or of a callout): `:method`, `:path`, `:authority`,
+    /// `:scheme`, `:protocol`.
+    RequestHeaders,
+    /// Response headers (of the stream or of a local reply): `:status`.
+    ResponseHeaders,
+    /// Trailers and gRPC metadata: no pseudo-headers.
+    Trailers,
+}
+
+/// Why a header field a guest wrote was refused (RFC 9110 §5.1, §5.5; RFC 9113 §8.3).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("header name {0:?} is not an RFC 9110 token (letters, digits and !#$%&'*+-.^_`|~)")]
+    BadName(String),
+    #[error("the value of {name:?} holds {what}, which HTTP cannot carry")]
+    BadValue { name: String, what: String },
+    #[error("pseudo-header {name:?} is not allowed in {role}")]
+    UnknownPseudo { name: String, role: &'static str },
+    #[error("{name} {value:?} is invalid: {rule}")]
+    BadPseudoValue {
+        name: String,
+        value: String,
+        rule: &'static str,
+    },
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn describe_byte(b: u8) -> String {
+    match b {
+        b'\r' => "CR".into(),
+        b'\n' => "LF".into(),
+        0 => "NUL".into(),
+        _ => format!("the control character {b:#04x}"),
+    }
+}
+
+/// Checks one field a guest wants to put in a map of `role`: a token name (or a pseudo-header
+/// allowed there, with a valid value), and a value without CR, LF, NUL or other control
+/// characters (horizontal tab allowed), as `http::HeaderValue` requires.
+pub fn check_field(role: MapRole, name: &str, value: &[u8]) -> Result<(), FieldError> {
+    let bad_pseudo = |rule| FieldError::BadPseudoValue {
+        name: name.to_string(),
+        value: String::from_utf8_lossy(value).into_owned(),
+        rule,
+    };
+    if let Some(pseudo) = name.strip_prefix(':') {
+        let allowed: &[&str] = match role {
+            MapRole::RequestHeaders => &["method", "path", "authority", "scheme", "protocol"],
+            MapRole::ResponseHeaders => &["status"],
+            MapRole::Trailers => &[],
+        };
+        if !allowed.contains(&pseudo) {
+            return Err(FieldError::UnknownPseudo {
+                name: name.to_string(),
+                role: match role {
+                    MapRole::RequestHeaders => {
+                        "request headers (only :method, :path, :authority, :scheme, :protocol)"
+                    }
+                    MapRole::ResponseHeaders => "response headers (only :status)",
+                    MapRole::Trailers => "trailers or metadata",
+                },
+            });
+        }
+        let visible = |v: &[u8]| v.iter().all(|b| (0x21..0x7f).contains(b));
+        match pseudo {
+            "method" | "protocol" if value.is_empty() || !value.iter().all(|b| is_tchar(*b)) => {
+                return Err(bad_pseudo("it must be a non-empty token, like GET"));
+            }
+            "path" if value.is_empty() || !visible(value) => {
+                return Err(bad_pseudo(
+                    "it must be non-empty visible ASCII, without spaces, CR or LF, like /index.html?q=1",
+                ));
+            }
+            "authority" if !visible(value) || value.iter().any(|b| b"/?#@".contains(b)) => {
+                return Err(bad_pseudo(
+                    "it must be a host with an optional port, like example.com:8080",
+                ));
+            }
+            "scheme"
+                if !value.first().is_some_and(u8::is_ascii_alphabetic)
+                    || !value
+                        .iter()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(b)) =>
+            {
+                return Err(bad_pseudo("it must be a URI scheme, like https"));
+            }
+            "status"
+                if !(value.len() == 3
+                    && value.iter().all(u8::is_ascii_digit)
+                    && (b'1'..=b'5').contains(&value[0])) =>
+            {
+                return Err(bad_pseudo("it must be three digits from 100 to 599"));
+            }
+            _ => {}
+        }
+    } else if name.is_empty() || !name.bytes().all(is_tchar) {
+        return Err(FieldError::BadName(name.to_string()));
+    }
+    if let Some(b) = value
+        .iter()
+        .find(|b| (**b < 0x20 && **b != b'\t') || **b == 0x7f)
+    {
+        return Err(FieldError::BadValue {
+            name: name.to_string(),
+            what: describe_byte(*b),
+        });
+    }
+    Ok(())
+}
+
+/// Checks every field of a map a guest hands over (see [`check_field`]).
+pub fn check_fields(role: MapRole, fields: &Fields) -> Result<(), FieldError> {
+    fields.iter().try_for_each(|(k, v)| check_field(role, k, v))
 }
 
 /// Splits a property path into its segments: joined by `\0`, a trailing `\0` tolerated.
@@ -241,6 +376,59 @@ mod tests {
             deserialize(&vec![1u8; MAX_PAIRS_BYTES + 1]),
             Err(PairsError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn refuses_missing_terminators_and_trailing_bytes() {
+        let mut bytes = serialize(&Fields::from_pairs([("key", "value")]));
+        let mut extra = bytes.clone();
+        extra.push(7);
+        assert_eq!(deserialize(&extra), Err(PairsError::TrailingBytes(1)));
+        let at = bytes.len() - 1;
+        bytes[at] = b'x';
+        assert_eq!(deserialize(&bytes), Err(PairsError::MissingNul(b'x')));
+        let mut lying = serialize(&Fields::from_pairs([("k", "v")]));
+        lying[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(deserialize(&lying), Err(PairsError::Malformed));
+    }
+
+    #[test]
+    fn fields_follow_rfc_9110_and_pseudo_headers_their_role() {
+        use MapRole::*;
+        check_field(RequestHeaders, "x-ok", b"a\tb c").unwrap();
+        check_field(RequestHeaders, ":path", b"/a?b=c").unwrap();
+        check_field(ResponseHeaders, ":status", b"204").unwrap();
+        for (role, name, value) in [
+            (RequestHeaders, "x-a", &b"a\r\nx-evil: 1"[..]),
+            (RequestHeaders, "x-a", b"a\0"),
+            (RequestHeaders, "x a", b"1"),
+            (RequestHeaders, "", b"1"),
+            (RequestHeaders, "x-\u{e9}", b"1"),
+            (RequestHeaders, ":path", b"/a b"),
+            (RequestHeaders, ":path", b"/a\r\n"),
+            (RequestHeaders, ":path", b""),
+            (RequestHeaders, ":status", b"200"),
+            (RequestHeaders, ":bogus", b"1"),
+            (RequestHeaders, ":authority", b"a/b"),
+            (RequestHeaders, ":scheme", b"1http"),
+            (RequestHeaders, ":method", b"GE T"),
+            (ResponseHeaders, ":status", b"20"),
+            (ResponseHeaders, ":status", b"600"),
+            (ResponseHeaders, ":status", b"abc"),
+            (ResponseHeaders, ":path", b"/"),
+            (Trailers, ":status", b"200"),
+        ] {
+            assert!(
+                check_field(role, name, value).is_err(),
+                "{role:?} {name:?} {value:?} must be refused"
+            );
+        }
+        assert_eq!(
+            check_field(RequestHeaders, "x-a", b"1\r\n")
+                .unwrap_err()
+                .to_string(),
+            "the value of \"x-a\" holds CR, which HTTP cannot carry"
+        );
     }
 
     #[test]

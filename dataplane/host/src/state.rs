@@ -10,6 +10,7 @@ use crate::exchange::{Effect, HttpCallResponse, SharedExchange};
 use crate::foreign::ForeignFunctions;
 use crate::metrics::MetricsRegistry;
 use crate::pairs::Fields;
+use crate::quota::{Limit, QuotaState, Quotas};
 use crate::shared::{QueueReady, SharedState};
 
 /// One plugin (filter) as the host runs it: its identity and configuration.
@@ -155,6 +156,9 @@ pub(crate) struct VmState {
     pub stdio: [Vec<u8>; 2],
     /// Queue items dropped because a queue was full.
     pub queue_overflows: u64,
+    /// This filter's quotas, and its refusal counters and log gates (shared by its VMs).
+    pub quotas: Quotas,
+    pub quota: Arc<QuotaState>,
 }
 
 impl VmState {
@@ -187,6 +191,8 @@ impl VmState {
             .unwrap_or(self.label.as_str())
     }
 
+    /// Logs a record for the filter, within its `logRecordsPerSecond`: past it, records are
+    /// dropped and counted (critical ones, such as trap reports, are always kept).
     pub fn emit_log(&self, level: LogLevel, message: String) {
         if level >= LogLevel::Error {
             *self.last_error_log.lock() = Some(message.clone());
@@ -194,6 +200,45 @@ impl VmState {
         if level < self.log_level {
             return;
         }
+        if level < LogLevel::Critical && !self.quota.allow_log(self.quotas.log_records_per_second) {
+            self.refuse(
+                Limit::LogRecordsPerSecond,
+                "log records dropped".to_string(),
+            );
+            return;
+        }
+        self.sink(level, message);
+    }
+
+    /// Counts a refusal by `limit` and logs it, at most one line per limit per
+    /// [`crate::limits::QUOTA_LOG_INTERVAL`], whatever the filter's log level; `what` says
+    /// what was refused.
+    pub fn refuse(&self, limit: Limit, what: String) {
+        let Some(suppressed) = self.quota.refuse(limit) else {
+            return;
+        };
+        let more = if suppressed > 0 {
+            format!(
+                " ({suppressed} more refusals not logged in the last {}s)",
+                crate::limits::QUOTA_LOG_INTERVAL.as_secs()
+            )
+        } else {
+            String::new()
+        };
+        let name = self.plugin_name();
+        let line = if limit == Limit::HeaderSyntax {
+            format!("filter {name:?} sent a header HTTP cannot carry: {what}{more}")
+        } else {
+            let field = limit.name();
+            let value = self.quotas.value(limit);
+            format!(
+                "filter {name:?} is over its limits.{field} ({value}): {what}{more}; raise limits.{field} if this is expected"
+            )
+        };
+        self.sink(LogLevel::Warn, line);
+    }
+
+    fn sink(&self, level: LogLevel, message: String) {
         (self.log)(&LogRecord {
             plugin: self.plugin_name().to_string(),
             vm_id: self.vm_id.clone(),

@@ -41,6 +41,10 @@ pub struct VmOptions {
     /// Environment variables visible through WASI (nothing is inherited).
     pub env: Vec<(String, String)>,
     pub embedder: Arc<dyn Embedder>,
+    /// The filter's quotas on host resources.
+    pub quotas: crate::Quotas,
+    /// The filter's refusal counters and log gates: one per filter, shared by its VMs.
+    pub quota_state: Arc<crate::QuotaState>,
 }
 
 impl Default for VmOptions {
@@ -55,6 +59,8 @@ impl Default for VmOptions {
             log: crate::state::tracing_log_sink(),
             env: Vec::new(),
             embedder: Arc::new(NoClusters),
+            quotas: crate::Quotas::default(),
+            quota_state: Arc::default(),
         }
     }
 }
@@ -311,15 +317,24 @@ impl Host {
             last_status: (0, Vec::new()),
             stdio: [Vec::new(), Vec::new()],
             queue_overflows: 0,
+            quotas: opts.quotas,
+            quota: opts.quota_state,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(Host::deadline_ticks(opts.start_timeout));
-        let instance = module
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| VmError::Instantiate(describe(&e)))?;
+        // A start section runs inside instantiation, under the start-up deadline.
+        let instance = module.pre.instantiate(&mut store).map_err(|e| {
+            if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                VmError::Start(CallbackError::Timeout {
+                    callback: "the module's start function",
+                    limit: opts.start_timeout,
+                })
+            } else {
+                VmError::Instantiate(describe(&e))
+            }
+        })?;
         let memory = instance.get_memory(&mut store, "memory");
         let allocator = instance
             .get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate")
