@@ -187,6 +187,8 @@ pub struct Active {
     pub filters: Vec<Arc<LoadedFilter>>,
     pub buffer_limit: usize,
     pub embedder: Arc<ClusterNames>,
+    /// Request normalisation and trusted hops (`http` in the configuration).
+    pub http: Arc<config::HttpOptions>,
 }
 
 /// Tells VMs which clusters callouts may target.
@@ -261,7 +263,10 @@ impl Active {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
-                matches: f.matches.clone(),
+                matches: f
+                    .matches
+                    .normalized()
+                    .map_err(|(x, m)| fail(format!("match.{x}: {m}")))?,
                 phase: f.phase,
                 priority: f.priority,
                 failure_policy: f.failure_policy,
@@ -315,7 +320,11 @@ impl Active {
                     .routes
                     .iter()
                     .map(|r| RouteEntry {
-                        config: r.clone(),
+                        // Validated at load: the patterns normalise.
+                        config: config::Route {
+                            matches: r.matches.normalized().unwrap_or_else(|_| r.matches.clone()),
+                            ..r.clone()
+                        },
                         metadata: metadata(&r.metadata),
                     })
                     .collect(),
@@ -337,6 +346,7 @@ impl Active {
             ),
             filters: in_chain_order(filters),
             buffer_limit: config.buffer_limit_bytes,
+            http: Arc::new(config.http.clone()),
             embedder,
         })
     }
@@ -357,6 +367,7 @@ impl Active {
             clusters: self.clusters.clone(),
             filters: in_chain_order(filters),
             buffer_limit: self.buffer_limit,
+            http: self.http.clone(),
             embedder: self.embedder.clone(),
         }
     }

@@ -37,6 +37,11 @@ pub struct Config {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(default = "default_drain", with = "duration")]
     pub drain_timeout: Duration,
+    /// How request heads are normalised before filters and routes match them, and which
+    /// peers may set `X-Forwarded-*` (docs/operations.md, "Request normalisation and scope
+    /// matching").
+    #[serde(default)]
+    pub http: HttpOptions,
     pub routes: Vec<Route>,
     pub clusters: Vec<Cluster>,
     #[serde(default)]
@@ -135,6 +140,107 @@ pub struct Route {
     /// Readable by filters as `xds.route_metadata` / `route_metadata`.
     #[serde(default)]
     pub metadata: serde_json::Value,
+}
+
+/// The `http` section: request normalisation and trusted hops. Every default is the safe one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpOptions {
+    /// Decode percent-encoded unreserved characters and remove dot segments from the path
+    /// before matching and forwarding (Envoy's `normalize_path`). Default on.
+    #[serde(default = "yes")]
+    pub normalize_path: bool,
+    /// Merge runs of `/` in the path into one (Envoy's `merge_slashes`). Default on.
+    #[serde(default = "yes")]
+    pub merge_slashes: bool,
+    /// What to do with `%2F`, `%5C` and a raw `\` in a path: `RejectRequest` (the default:
+    /// 400), `KeepUnchanged`, `UnescapeAndRedirect` (307 to the unescaped path) or
+    /// `UnescapeAndForward`; Envoy's upper-case spellings are accepted too.
+    #[serde(default)]
+    pub path_with_escaped_slashes_action: crate::normalize::EscapedSlashes,
+    /// Peers (CIDRs, like `10.0.0.0/8` or `fd00::/8`) whose `X-Forwarded-For` and
+    /// `X-Forwarded-Proto` are kept (the peer is appended to `X-Forwarded-For`). From any
+    /// other peer both are overwritten from the connection. Default: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            normalize_path: true,
+            merge_slashes: true,
+            path_with_escaped_slashes_action: Default::default(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl HttpOptions {
+    pub fn path_options(&self) -> crate::normalize::PathOptions {
+        crate::normalize::PathOptions {
+            normalize: self.normalize_path,
+            merge_slashes: self.merge_slashes,
+            escaped_slashes: self.path_with_escaped_slashes_action,
+        }
+    }
+
+    /// Whether `peer` is a trusted proxy whose `X-Forwarded-*` headers are kept.
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.trusted_proxies.iter().any(|c| c.contains(peer))
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// An address range, `ip/prefix` (a bare ip is the one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let (a, b, bits) = match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (a >> shift) == (b >> shift)
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(text: String) -> Result<Cidr, String> {
+        let bad = || {
+            format!(
+                "http.trustedProxies: {text:?} is not a CIDR: expected ip/prefix, like 10.0.0.0/8 or fd00::/8"
+            )
+        };
+        let (ip, prefix) = text.split_once('/').unwrap_or((&text, ""));
+        let addr: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            "" => max,
+            p => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+        };
+        Ok(Cidr {
+            addr: addr.to_canonical(),
+            prefix: if addr.is_ipv6() && addr.to_canonical().is_ipv4() {
+                prefix.saturating_sub(96)
+            } else {
+                prefix
+            },
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -459,6 +565,16 @@ impl Config {
             f.log_level
                 .parse::<wasmfilter_host::LogLevel>()
                 .map_err(|m| err(field("logLevel"), m))?;
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            r.matches
+                .normalized()
+                .map_err(|(f, m)| err(format!("routes[{i}].match.{f}"), m))?;
+        }
+        for (i, f) in self.filters.iter().enumerate() {
+            f.matches
+                .normalized()
+                .map_err(|(x, m)| err(format!("filters[{i}].match.{x}"), m))?;
         }
         if let Some(op) = &self.operator {
             let plain = op.address.starts_with("http://");

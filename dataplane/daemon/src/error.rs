@@ -5,18 +5,61 @@ use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::{Body, full};
 
+/// The methods the proxy names in `Allow` (answering `OPTIONS *`, refusing `CONNECT`).
+pub(crate) const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE";
+
 /// Why a request did not get the upstream's answer. Each becomes a short response here.
 #[derive(Debug)]
 pub enum ProxyError {
     NoRoute,
     BodyTooLarge,
     BadRequestBody(String),
-    UpstreamConnect { cluster: String, message: String },
-    UpstreamTimeout { cluster: String },
-    UpstreamProtocol { cluster: String, message: String },
-    FilterFailed { filter: String, message: String },
-    FilterStalled { filter: String },
-    Reset { filter: String },
+    UpstreamConnect {
+        cluster: String,
+        message: String,
+    },
+    UpstreamTimeout {
+        cluster: String,
+    },
+    UpstreamProtocol {
+        cluster: String,
+        message: String,
+    },
+    FilterFailed {
+        filter: String,
+        message: String,
+    },
+    FilterStalled {
+        filter: String,
+    },
+    Reset {
+        filter: String,
+    },
+    // The client's request head, refused before any filter or route sees it (the client is
+    // at fault; docs/operations.md, "Request normalisation and scope matching").
+    /// The path cannot be normalised safely (400).
+    InvalidPath {
+        reason: String,
+    },
+    /// `Host`/`:authority` missing, repeated, malformed or disagreeing (400).
+    InvalidHost {
+        reason: String,
+    },
+    /// A request target that is neither origin-form, absolute-form, `*` for OPTIONS nor
+    /// authority-form for CONNECT (400).
+    InvalidTarget {
+        reason: String,
+    },
+    /// `Transfer-Encoding` with a coding other than `chunked` (501, as RFC 9112 §6.1 says).
+    UnsupportedTransferCoding {
+        coding: String,
+    },
+    /// `CONNECT`: the proxy opens no tunnels, which no HTTP filter could see into (405).
+    ConnectNotAllowed,
+    /// With `pathWithEscapedSlashesAction: UnescapeAndRedirect`: come back at `location` (307).
+    EscapedSlashRedirect {
+        location: String,
+    },
 }
 
 impl ProxyError {
@@ -54,6 +97,31 @@ impl ProxyError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("filter {filter} paused the request and nothing can resume it"),
             ),
+            ProxyError::InvalidPath { reason } => (
+                StatusCode::BAD_REQUEST,
+                format!("client error: invalid path: {reason}"),
+            ),
+            ProxyError::InvalidHost { reason } => {
+                (StatusCode::BAD_REQUEST, format!("client error: {reason}"))
+            }
+            ProxyError::InvalidTarget { reason } => (
+                StatusCode::BAD_REQUEST,
+                format!("client error: invalid request target: {reason}"),
+            ),
+            ProxyError::UnsupportedTransferCoding { coding } => (
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "client error: transfer coding {coding:?} is not supported; only chunked is"
+                ),
+            ),
+            ProxyError::ConnectNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "client error: CONNECT is not allowed: this proxy opens no tunnels".into(),
+            ),
+            ProxyError::EscapedSlashRedirect { .. } => (
+                StatusCode::TEMPORARY_REDIRECT,
+                "the path had encoded slashes; use the unescaped path in Location".into(),
+            ),
             ProxyError::Reset { filter } => (
                 StatusCode::BAD_GATEWAY,
                 format!("filter {filter} reset the stream"),
@@ -66,6 +134,17 @@ impl ProxyError {
         tracing::debug!(?self, "request failed");
         let mut resp = Response::new(full(format!("{reason}\n")));
         *resp.status_mut() = status;
+        if let ProxyError::EscapedSlashRedirect { location } = &self
+            && let Ok(v) = HeaderValue::from_str(location)
+        {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+        }
+        if let ProxyError::ConnectNotAllowed = &self {
+            resp.headers_mut().insert(
+                http::header::ALLOW,
+                HeaderValue::from_static(ALLOWED_METHODS),
+            );
+        }
         resp.headers_mut().insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain"),

@@ -15,6 +15,7 @@ pub mod fields;
 pub mod managed;
 pub mod metrics;
 pub mod native;
+pub mod normalize;
 pub mod proxy;
 pub mod state;
 pub mod timers;

@@ -210,7 +210,9 @@ fn definition(f: &control::Filter) -> Result<FilterDef, String> {
             hosts: m.hosts,
             path_prefixes: m.path_prefixes,
             methods: m.methods,
-        },
+        }
+        .normalized()
+        .map_err(|(field, message)| format!("match.{field}: {message}"))?,
         phase,
         priority: f.priority,
         failure_policy,

@@ -33,7 +33,7 @@ use crate::chain::Active;
 pub use crate::error::ProxyError;
 use crate::state::State;
 use dispatch::{Running, finish_all};
-use request::{new_exchange, request_path};
+use request::{Checked, check_head, new_exchange, request_path};
 use response::{local_reply, respond};
 
 /// A body of known length up to this size is read whole and run through the filters once:
@@ -74,19 +74,20 @@ pub(crate) async fn proxy(
     tls: bool,
 ) -> Result<Response<Body>, ProxyError> {
     let (parts, body) = req.into_parts();
-    let exchange: SharedExchange =
-        Arc::new(Mutex::new(new_exchange(active, &parts, peer, local, tls)));
-    let host = exchange
-        .lock()
-        .request_headers
-        .get_str(":authority")
-        .unwrap_or_default();
+    // The head is checked and normalised first: filters and routes match what is forwarded.
+    let head = match check_head(active, &parts)? {
+        Checked::Proxy(head) => head,
+        Checked::Answer(resp) => return Ok(resp),
+    };
+    let exchange: SharedExchange = Arc::new(Mutex::new(new_exchange(
+        active, &parts, &head, peer, local, tls,
+    )));
     let mut running: Vec<Running> = active
         .filters
         .iter()
         .filter(|f| {
             f.matches
-                .matches(&host, parts.uri.path(), parts.method.as_str())
+                .matches(&head.authority, &head.path, parts.method.as_str())
         })
         .map(|f| Running {
             filter: f.clone(),

@@ -13,54 +13,206 @@ use super::dispatch::*;
 use super::pipeline::*;
 use super::{INLINE_BODY_LIMIT, Upstream};
 use crate::body::{self, BoxError};
+use crate::body::{Body, full};
 use crate::chain::Active;
-use crate::error::ProxyError;
+use crate::error::{ALLOWED_METHODS, ProxyError};
 use crate::fields::HOP_BY_HOP;
+use crate::normalize::{Target, normalize_authority, normalize_target};
 use crate::state::State;
+
+/// The client's request head once checked: what filters and routes match, and what is
+/// forwarded (the same values, so a scope cannot be stepped around by spelling a request
+/// differently).
+pub(crate) struct Head {
+    /// `host[:port]`, lower-case, without a trailing dot ([`normalize_authority`]).
+    pub authority: String,
+    /// The normalised path with the query as the client sent it.
+    pub path_and_query: String,
+    /// The normalised path alone.
+    pub path: String,
+}
+
+/// What the head check decided.
+pub(crate) enum Checked {
+    /// Proxy the request with this head.
+    Proxy(Head),
+    /// The proxy answers itself (`OPTIONS *`).
+    Answer(http::Response<Body>),
+}
+
+/// Checks and normalises the request head before any filter sees it (docs/operations.md,
+/// "Request normalisation and scope matching"). hyper has already refused what it cannot
+/// parse (a bad request line, `Transfer-Encoding` without a final `chunked` on HTTP/1.1,
+/// `Content-Length` conflicts, HTTP/2 connection-specific headers).
+pub(crate) fn check_head(
+    active: &Active,
+    parts: &http::request::Parts,
+) -> Result<Checked, ProxyError> {
+    for value in parts.headers.get_all(http::header::TRANSFER_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        if let Some(coding) = text
+            .split(',')
+            .map(str::trim)
+            .find(|c| !c.eq_ignore_ascii_case("chunked"))
+        {
+            return Err(ProxyError::UnsupportedTransferCoding {
+                coding: coding.to_string(),
+            });
+        }
+    }
+    let authority = authority(parts)?;
+    if parts.method == http::Method::CONNECT {
+        return Err(ProxyError::ConnectNotAllowed);
+    }
+    let uri = &parts.uri;
+    if uri.path() == "*" && uri.scheme().is_none() {
+        if parts.method != http::Method::OPTIONS {
+            return Err(ProxyError::InvalidTarget {
+                reason: "'*' is only the target of OPTIONS".into(),
+            });
+        }
+        let mut resp = http::Response::new(full(""));
+        resp.headers_mut().insert(
+            http::header::ALLOW,
+            http::HeaderValue::from_static(ALLOWED_METHODS),
+        );
+        return Ok(Checked::Answer(resp));
+    }
+    match uri.scheme_str() {
+        None if uri.authority().is_some() => {
+            return Err(ProxyError::InvalidTarget {
+                reason: "authority-form (host:port) is only the target of CONNECT".into(),
+            });
+        }
+        None | Some("http") | Some("https") => {}
+        Some(other) => {
+            return Err(ProxyError::InvalidTarget {
+                reason: format!("absolute-form with scheme {other:?}; only http and https"),
+            });
+        }
+    }
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    // Absolute-form without a path (`http://host`) means `/`; `?q` alone means `/?q`.
+    let owned;
+    let target = if target.starts_with('?') {
+        owned = format!("/{target}");
+        owned.as_str()
+    } else if target.is_empty() {
+        "/"
+    } else {
+        target
+    };
+    let path_and_query = match normalize_target(target, &active.http.path_options()) {
+        Ok(Target::Forward(p)) => p,
+        Ok(Target::Redirect(location)) => {
+            return Err(ProxyError::EscapedSlashRedirect { location });
+        }
+        Err(e) => {
+            return Err(ProxyError::InvalidPath {
+                reason: e.to_string(),
+            });
+        }
+    };
+    let path = path_and_query.split('?').next().unwrap_or("/").to_string();
+    Ok(Checked::Proxy(Head {
+        authority,
+        path_and_query,
+        path,
+    }))
+}
+
+/// The request's authority: the absolute-form target's, else `:authority` (HTTP/2), else the
+/// one `Host` header (RFC 9112 §3.2: exactly one, valid; RFC 9113 §8.3.1: `Host` may not
+/// disagree with `:authority`).
+fn authority(parts: &http::request::Parts) -> Result<String, ProxyError> {
+    let invalid = |reason: String| ProxyError::InvalidHost { reason };
+    let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(invalid("more than one Host header".into()));
+    }
+    let host = match host {
+        Some(h) => Some(
+            normalize_authority(
+                h.to_str()
+                    .map_err(|_| invalid("the Host header is not ASCII".into()))?,
+            )
+            .map_err(|e| invalid(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let from_target = match parts.uri.authority() {
+        Some(a) if a.as_str().contains('@') => {
+            return Err(invalid(format!(
+                "the request target's authority {:?} carries user information",
+                a.as_str()
+            )));
+        }
+        Some(a) => Some(normalize_authority(a.as_str()).map_err(|e| invalid(e.to_string()))?),
+        None => None,
+    };
+    match (from_target, host) {
+        (Some(a), Some(h)) if parts.version == http::Version::HTTP_2 && a != h => Err(invalid(
+            format!("Host {h:?} disagrees with :authority {a:?}"),
+        )),
+        (Some(a), _) => Ok(a),
+        (None, Some(h)) => Ok(h),
+        (None, None) => Err(invalid(
+            "the request has no Host header (nor :authority)".into(),
+        )),
+    }
+}
 
 pub(crate) fn new_exchange(
     active: &Active,
     parts: &http::request::Parts,
+    head: &Head,
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
 ) -> HttpExchange {
     let scheme = if tls { "https" } else { "http" };
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_else(|| "/".into());
+    let authority = head.authority.as_str();
     let mut ex = HttpExchange::default();
     ex.request_headers.add(":method", parts.method.as_str());
-    ex.request_headers.add(":path", path.as_str());
-    ex.request_headers.add(":authority", authority.as_str());
+    ex.request_headers
+        .add(":path", head.path_and_query.as_str());
+    ex.request_headers.add(":authority", authority);
     ex.request_headers.add(":scheme", scheme);
+    // Headers the client named in `Connection` describe its connection only (RFC 9110
+    // §7.6.1): they are not forwarded, nor shown to filters.
+    let named: Vec<String> = parts
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
     for (k, v) in &parts.headers {
-        if k != http::header::HOST && !HOP_BY_HOP.contains(&k.as_str()) {
+        if k != http::header::HOST
+            && !HOP_BY_HOP.contains(&k.as_str())
+            && !named.iter().any(|n| n == k.as_str())
+        {
             ex.request_headers.add(k.as_str(), v.as_bytes());
         }
     }
-    // The client's address joins the chain of proxies before any filter runs.
+    // X-Forwarded-For and -Proto come from the connection unless the peer is a trusted proxy
+    // (`http.trustedProxies`): an untrusted client's values are replaced, not appended to, so
+    // nothing after the proxy reads an address or a scheme the client made up.
+    let trusted = active.http.trusts(peer.ip());
+    let client = peer.ip().to_canonical().to_string();
     let xff = match ex.request_headers.get_str("x-forwarded-for") {
-        Some(prior) => format!("{prior}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+        Some(prior) if trusted => format!("{prior}, {client}"),
+        _ => client,
     };
     ex.request_headers.set("x-forwarded-for", xff);
-    if ex.request_headers.get("x-forwarded-proto").is_none() {
-        ex.request_headers.add("x-forwarded-proto", scheme);
+    if !trusted || ex.request_headers.get("x-forwarded-proto").is_none() {
+        ex.request_headers.set("x-forwarded-proto", scheme);
     }
     ex.info.protocol = match parts.version {
         http::Version::HTTP_10 => "HTTP/1.0",
@@ -73,7 +225,7 @@ pub(crate) fn new_exchange(
     ex.info.source_address = Some(peer);
     ex.info.destination_address = Some(local);
     ex.info.start_time = Some(SystemTime::now());
-    if let Some(route) = active.route(&authority, parts.uri.path(), parts.method.as_str(), |h| {
+    if let Some(route) = active.route(authority, &head.path, parts.method.as_str(), |h| {
         parts
             .headers
             .get(h)
