@@ -622,7 +622,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
         "proxy_register_shared_queue",
         |c, nptr: i32, nlen: i32, ret_id: i32| {
             guard(c, "proxy_register_shared_queue")?;
-            let name = read_string(c, nptr, nlen, MAX_PAIRS_BYTES)?;
+            let name = read_string(c, nptr, nlen, crate::limits::MAX_QUEUE_NAME_BYTES)?;
             let id = {
                 let s = c.data();
                 let root = s
@@ -635,7 +635,22 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
                     root_context_id: root,
                     notify: std::sync::Arc::new(move |ready| embedder.queue_ready(ready)),
                 };
-                s.shared.register_queue(&s.vm_id, &name, owner)
+                // The SDKs accept only OK here; past the queue count the call traps the
+                // guest's SDK, as any refusal would.
+                match s.shared.register_queue(&s.vm_id, &name, owner) {
+                    Some(id) => id,
+                    None => {
+                        s.emit_log(
+                            LogLevel::Error,
+                            format!(
+                                "proxy_register_shared_queue({name:?}) refused with BAD_ARGUMENT: vm_id {:?} has {} queues already",
+                                s.vm_id,
+                                crate::limits::MAX_QUEUES_PER_VM_ID
+                            ),
+                        );
+                        return bad();
+                    }
+                }
             };
             write_u32(c, ret_id, id)?;
             Ok(())

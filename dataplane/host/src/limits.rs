@@ -19,6 +19,12 @@ pub const MAX_LOG_MESSAGE_BYTES: usize = 64 * 1024;
 pub const MAX_QUEUE_ITEMS: usize = 10_000;
 /// Most keys in one vm_id's shared data.
 pub const MAX_SHARED_DATA_KEYS: usize = 100_000;
+/// Most shared queues one vm_id may register (each holds up to `limits.queueBytes`): without
+/// it (and [`MAX_QUEUE_NAME_BYTES`]), a guest registering a queue under a new 1 MiB name per
+/// request grew the host without bound.
+pub const MAX_QUEUES_PER_VM_ID: usize = 1_000;
+/// Longest shared queue name (bytes); longer ones are BAD_ARGUMENT.
+pub const MAX_QUEUE_NAME_BYTES: usize = 4 * 1024;
 /// Most metrics one plugin may define: the hard ceiling of `limits.metrics`.
 pub const MAX_METRICS_PER_PLUGIN: usize = 10_000;
 /// Most callouts (HTTP and gRPC) outstanding per VM: the hard ceiling of

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::limits::{MAX_QUEUE_ITEMS, MAX_SHARED_DATA_KEYS};
+use crate::limits::{MAX_QUEUE_ITEMS, MAX_QUEUES_PER_VM_ID, MAX_SHARED_DATA_KEYS};
 
 /// One vm_id's shared data: key → (value, CAS token), and the bytes of keys and values.
 #[derive(Default)]
@@ -151,14 +151,18 @@ impl SharedState {
     }
 
     /// Registers (or re-opens) queue `name` of `vm_id`, making `owner` the one notified.
-    pub fn register_queue(&self, vm_id: &str, name: &str, owner: QueueOwner) -> u32 {
+    /// `None` if `vm_id` already has [`MAX_QUEUES_PER_VM_ID`] queues.
+    pub fn register_queue(&self, vm_id: &str, name: &str, owner: QueueOwner) -> Option<u32> {
         let mut q = self.queues.lock();
         let key = (vm_id.to_string(), name.to_string());
         if let Some(&id) = q.by_name.get(&key) {
             if let Some(queue) = q.by_id.get_mut(&id) {
                 queue.owner = owner;
             }
-            return id;
+            return Some(id);
+        }
+        if q.by_name.keys().filter(|(v, _)| v == vm_id).count() >= MAX_QUEUES_PER_VM_ID {
+            return None;
         }
         q.next_id += 1;
         let id = q.next_id;
@@ -171,7 +175,7 @@ impl SharedState {
                 owner,
             },
         );
-        id
+        Some(id)
     }
 
     pub fn resolve_queue(&self, vm_id: &str, name: &str) -> Option<u32> {
@@ -300,7 +304,15 @@ mod tests {
             root_context_id: 1,
             notify: Arc::new(|_| {}),
         };
-        let id = s.register_queue("vm", "q", owner);
+        let id = s.register_queue("vm", "q", owner.clone()).unwrap();
+        for n in 1..MAX_QUEUES_PER_VM_ID {
+            assert!(
+                s.register_queue("vm", &n.to_string(), owner.clone())
+                    .is_some()
+            );
+        }
+        assert_eq!(s.register_queue("vm", "one more", owner.clone()), None);
+        assert!(s.register_queue("other", "q", owner).is_some());
         for i in 0..3u8 {
             let done = s.enqueue(id, vec![i; 4], 2, 100).unwrap();
             assert_eq!(done.dropped_for_items, usize::from(i == 2));
@@ -323,8 +335,8 @@ mod tests {
             root_context_id: 1,
             notify: Arc::new(move |r| sink.lock().push(r)),
         };
-        let id = s.register_queue("vm", "q", owner.clone());
-        assert_eq!(s.register_queue("vm", "q", owner), id);
+        let id = s.register_queue("vm", "q", owner.clone()).unwrap();
+        assert_eq!(s.register_queue("vm", "q", owner), Some(id));
         assert_eq!(s.resolve_queue("vm", "q"), Some(id));
         assert_eq!(s.resolve_queue("vm2", "q"), None);
         assert_eq!(s.dequeue(id), Some(None));

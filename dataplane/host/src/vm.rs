@@ -122,6 +122,8 @@ pub enum VmError {
     Start(CallbackError),
     #[error("memory limit {0} bytes is above the host's maximum {1}")]
     MemoryLimit(usize, usize),
+    #[error("{0}")]
+    Quotas(String),
 }
 
 type F1 = TypedFunc<i32, ()>;
@@ -280,6 +282,7 @@ impl Host {
                 self.max_memory_bytes,
             ));
         }
+        opts.quotas.validate().map_err(VmError::Quotas)?;
         let state = VmState {
             memory: None,
             allocator: None,

@@ -1525,7 +1525,8 @@ fn a_huge_proxy_log_message_is_cut_and_a_bigger_one_refused() {
         ..Wat::default()
     }
     .load();
-    let mut g = start_guest(&module, |_| {});
+    // Copying 16 MiB in a debug build on a busy machine: not a runaway guest.
+    let mut g = start_guest(&module, |o| o.callback_timeout = Duration::from_secs(5));
     let (ex, result) = g.request(GET_ROOT);
     assert_eq!(result.unwrap(), Action::Continue);
     assert_eq!(statuses(&ex), vec![0, 2]);
@@ -1664,4 +1665,629 @@ fn a_failed_vm_refuses_even_callbacks_the_module_does_not_export() {
     assert_vm_failed(g.vm.finish_stream(second));
 
     assert_neighbours_unharmed(neighbour);
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. Quotas: every host resource a guest can grow, and headers HTTP cannot carry (#15)
+// ---------------------------------------------------------------------------------------
+//
+// Each test sets a quota low, drives a guest past it, and asserts the status the guest gets,
+// the refusal counter (`QuotaState`: the `limit` label of
+// `wasmfilter_filter_quota_refusals_total`), the one log line naming the filter and the
+// `limits` field however many refusals there were, and that the neighbours still serve.
+
+const QUOTA_IMPORTS: &str = r#"
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_header_map_pairs" (func $set_pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $set_shared (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $register (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))"#;
+
+/// A guest with every quota-related hostcall imported, `pages` of memory, module-level
+/// `data`, and `body` as its `proxy_on_request_headers` (locals `$i $ok $st $other`, global
+/// `$n` counting requests); its refusals are counted in the returned state.
+fn quota_guest(
+    pages: u32,
+    data: &str,
+    body: &str,
+    tweak: impl FnOnce(&mut VmOptions),
+) -> (Guest, Arc<QuotaState>) {
+    let module = Wat {
+        imports: QUOTA_IMPORTS.into(),
+        memory: format!(r#"(memory (export "memory") {pages})"#),
+        body: format!(
+            r#"
+  {data}
+  (global $n (mut i32) (i32.const 0))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $i i32) (local $ok i32) (local $st i32) (local $other i32)
+    {body}
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (i32.const 0))"#
+        ),
+        ..Wat::default()
+    }
+    .load();
+    let state = Arc::new(QuotaState::default());
+    let counted = state.clone();
+    let g = start_guest(&module, |o| {
+        o.quota_state = counted;
+        // Thousands of hostcalls in one callback: no deadline in the way on a busy machine.
+        o.callback_timeout = Duration::from_secs(20);
+        tweak(o);
+    });
+    (g, state)
+}
+
+/// `n` rounds of `call` (an expression leaving a status), counting OK in `$ok` and keeping
+/// the last other status in `$other`.
+fn counted_loop(n: u32, call: &str) -> String {
+    format!(
+        r#"
+    (local.set $i (i32.const 0))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $i) (i32.const {n})))
+      (local.set $st {call})
+      (if (i32.eqz (local.get $st))
+        (then (local.set $ok (i32.add (local.get $ok) (i32.const 1))))
+        (else (local.set $other (local.get $st))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))"#
+    )
+}
+
+/// The host's warnings about filter `hostile` that contain `text`.
+fn warnings(logs: &Logs, text: &str) -> Vec<String> {
+    logs.0
+        .lock()
+        .iter()
+        .filter(|r| r.level == LogLevel::Warn && r.plugin == "hostile" && r.message.contains(text))
+        .map(|r| r.message.clone())
+        .collect()
+}
+
+/// Exactly one line about `text` however many refusals (rate-limited), naming the filter.
+fn assert_one_line(logs: &Logs, text: &str) -> String {
+    let lines = warnings(logs, text);
+    assert_eq!(lines.len(), 1, "{text}: {lines:#?}");
+    assert!(lines[0].starts_with("filter \"hostile\" "), "{}", lines[0]);
+    lines[0].clone()
+}
+
+/// Fills `len` bytes at `addr` with `byte` (bulk memory).
+fn fill(addr: u32, byte: u8, len: u32) -> String {
+    format!("(memory.fill (i32.const {addr}) (i32.const {byte}) (i32.const {len}))")
+}
+
+/// The guest's resident set, from /proc/self/status (VmRSS, in KiB).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line")
+}
+
+#[test]
+fn a_hundred_thousand_added_headers_stop_at_the_header_count_quota() {
+    let neighbour = healthy_neighbour();
+    let body = format!(
+        r#"{fill}
+    (drop (call $remove (i32.const 0) (i32.const 0x400) (i32.const 3)))
+    (call $put_u32 (i32.const 0) (local.get $ok))
+    (call $put_u32 (i32.const 1) (local.get $other))"#,
+        fill = counted_loop(
+            100_000,
+            "(call $add (i32.const 0) (i32.const 0x400) (i32.const 3) (i32.const 0x410) (i32.const 1))"
+        )
+    );
+    let data = r#"(data (i32.const 0x400) "x-h") (data (i32.const 0x410) "v")"#;
+    let (mut g, state) = quota_guest(2, data, &body, |o| o.quotas.header_count = 64);
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    let allowed = 64 - GET_ROOT.len() as u32;
+    assert_eq!(reported_u32(&ex, 0), allowed, "adds answered OK");
+    assert_eq!(
+        reported_u32(&ex, 1),
+        Status::BadArgument as u32,
+        "the others"
+    );
+    assert_eq!(
+        state.count(Limit::HeaderCount),
+        u64::from(100_000 - allowed)
+    );
+    let line = assert_one_line(&g.logs, "limits.headerCount (64)");
+    assert!(
+        line.contains("proxy_add_header_map_value refused with BAD_ARGUMENT"),
+        "{line}"
+    );
+    assert!(g.vm.failure().is_none());
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn a_value_that_would_overgrow_the_map_is_refused_by_the_header_bytes_quota() {
+    let neighbour = healthy_neighbour();
+    let body = format!(
+        r#"{big}
+    (call $rec (call $replace (i32.const 0) (i32.const 0x400) (i32.const 5) (i32.const 0x4000) (i32.const 8192)))
+    (call $rec (call $add (i32.const 0) (i32.const 0x400) (i32.const 5) (i32.const 0x4000) (i32.const 8192)))
+    (call $rec (call $add (i32.const 0) (i32.const 0x400) (i32.const 5) (i32.const 0x4000) (i32.const 1024)))
+    (call $rec (call $replace (i32.const 0) (i32.const 0x400) (i32.const 5) (i32.const 0x4000) (i32.const 2048)))
+    (call $report)"#,
+        big = fill(0x4000, b'a', 8192)
+    );
+    let data = r#"(data (i32.const 0x400) "x-big")"#;
+    let (mut g, state) = quota_guest(2, data, &body, |o| o.quotas.header_bytes = 4096);
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    assert_eq!(statuses(&ex), vec![2, 2, 0, 0]);
+    assert_eq!(ex.lock().request_headers.get("x-big").unwrap().len(), 2048);
+    assert_eq!(state.count(Limit::HeaderBytes), 2);
+    assert_one_line(&g.logs, "limits.headerBytes (4096)");
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn headers_http_cannot_carry_are_refused_with_bad_argument_and_the_filter_named() {
+    let neighbour = healthy_neighbour();
+    let data = r#"
+  (data (i32.const 0x400) "x-a")
+  (data (i32.const 0x410) "a\0d\0ax-evil: 1")
+  (data (i32.const 0x430) "a\00b")
+  (data (i32.const 0x440) "bad name")
+  (data (i32.const 0x450) ":path")
+  (data (i32.const 0x460) "/a\0d\0a")
+  (data (i32.const 0x470) "/a b")
+  (data (i32.const 0x480) ":status")
+  (data (i32.const 0x490) "200")
+  (data (i32.const 0x4a0) ":bogus")
+  (data (i32.const 0x4b0) "99")
+  (data (i32.const 0x4c0) "204")
+  (data (i32.const 0x4d0) "/ok")
+  (data (i32.const 0x4e0) "x-ok")
+  (data (i32.const 0x4f0) "fine")"#;
+    let body = r#"
+    (call $rec (call $add (i32.const 0) (i32.const 0x400) (i32.const 3) (i32.const 0x410) (i32.const 12)))
+    (call $rec (call $add (i32.const 0) (i32.const 0x400) (i32.const 3) (i32.const 0x430) (i32.const 3)))
+    (call $rec (call $add (i32.const 0) (i32.const 0x440) (i32.const 8) (i32.const 0x4f0) (i32.const 4)))
+    (call $rec (call $replace (i32.const 0) (i32.const 0x450) (i32.const 5) (i32.const 0x460) (i32.const 4)))
+    (call $rec (call $replace (i32.const 0) (i32.const 0x450) (i32.const 5) (i32.const 0x470) (i32.const 4)))
+    (call $rec (call $add (i32.const 0) (i32.const 0x480) (i32.const 7) (i32.const 0x490) (i32.const 3)))
+    (call $rec (call $add (i32.const 0) (i32.const 0x4a0) (i32.const 6) (i32.const 0x4f0) (i32.const 4)))
+    (call $rec (call $replace (i32.const 2) (i32.const 0x480) (i32.const 7) (i32.const 0x4b0) (i32.const 2)))
+    (call $rec (call $add (i32.const 1) (i32.const 0x450) (i32.const 5) (i32.const 0x4d0) (i32.const 3)))
+    (call $rec (call $replace (i32.const 0) (i32.const 0x450) (i32.const 5) (i32.const 0x4d0) (i32.const 3)))
+    (call $rec (call $replace (i32.const 2) (i32.const 0x480) (i32.const 7) (i32.const 0x4c0) (i32.const 3)))
+    (call $rec (call $add (i32.const 0) (i32.const 0x4e0) (i32.const 4) (i32.const 0x4f0) (i32.const 4)))
+    (call $report)"#;
+    let (mut g, state) = quota_guest(1, data, body, |_| {});
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    // CRLF value, NUL value, name with a space, :path with CRLF, :path with a space,
+    // :status in a request, an unknown pseudo-header, :status 99, :path in trailers: all
+    // BAD_ARGUMENT; a valid :path, :status and header: OK.
+    assert_eq!(statuses(&ex), vec![2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0]);
+    {
+        let ex = ex.lock();
+        assert_eq!(ex.request_headers.get(":path").unwrap(), b"/ok");
+        assert_eq!(ex.request_headers.get("x-ok").unwrap(), b"fine");
+        assert!(ex.request_headers.get("x-a").is_none());
+        assert!(ex.request_headers.get("x-evil").is_none());
+        assert_eq!(ex.response_headers.get(":status").unwrap(), b"204");
+        assert!(ex.request_trailers.is_empty());
+    }
+    assert_eq!(state.count(Limit::HeaderSyntax), 9);
+    let line = assert_one_line(&g.logs, "sent a header HTTP cannot carry");
+    assert!(
+        line.contains(
+            "proxy_add_header_map_value refused with BAD_ARGUMENT: the value of \"x-a\" holds CR"
+        ),
+        "{line}"
+    );
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn malformed_map_encodings_are_refused_in_every_hostcall_that_takes_a_map() {
+    let neighbour = healthy_neighbour();
+    let ok = |pairs: &[(&str, &str)]| pairs::serialize(&Fields::from_pairs(pairs.iter().copied()));
+    let mut trailing = ok(&[("x-a", "1")]);
+    trailing.push(7);
+    let mut unterminated = ok(&[("x-a", "1")]);
+    *unterminated.last_mut().unwrap() = b'x';
+    let crlf = ok(&[("x-a", "1\r\nx-b: 2")]);
+    let pseudo = ok(&[(":status", "200")]);
+    let callout_bad_path = ok(&[(":method", "GET"), (":path", "/a b"), (":authority", "up")]);
+    let good = ok(&[
+        (":method", "GET"),
+        (":path", "/p"),
+        (":authority", "a"),
+        ("x-new", "1"),
+    ]);
+    let maps = [
+        &trailing,
+        &unterminated,
+        &crlf,
+        &pseudo,
+        &callout_bad_path,
+        &good,
+    ];
+    let mut data = String::from(r#"(data (i32.const 0x400) "upstream")"#);
+    let mut at = Vec::new();
+    for (i, m) in maps.iter().enumerate() {
+        let addr = 0x2000 + 0x100 * i as u32;
+        data.push_str(&wat_data(addr, m));
+        at.push((addr, m.len()));
+    }
+    let set = |i: usize| {
+        format!(
+            "(call $rec (call $set_pairs (i32.const 0) (i32.const {}) (i32.const {})))",
+            at[i].0, at[i].1
+        )
+    };
+    let call = |i: usize| {
+        format!(
+            "(call $rec (call $http_call (i32.const 0x400) (i32.const 8) (i32.const {}) (i32.const {}) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 0x1000)))",
+            at[i].0, at[i].1
+        )
+    };
+    let local = format!(
+        "(call $rec (call $local (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const {}) (i32.const {}) (i32.const -1)))",
+        at[2].0, at[2].1
+    );
+    let body = format!(
+        "{} {} {} {} {} {} {local} {} (call $report)",
+        set(0),
+        set(1),
+        set(2),
+        set(3),
+        call(2),
+        call(4),
+        set(5)
+    );
+    let (mut g, state) = quota_guest(1, &data, &body, |_| {});
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    assert_eq!(statuses(&ex), vec![2, 2, 2, 2, 2, 2, 2, 0]);
+    assert_eq!(
+        original_headers(&ex),
+        headers_of(&[
+            (":method", "GET"),
+            (":path", "/p"),
+            (":authority", "a"),
+            ("x-new", "1")
+        ])
+    );
+    assert!(
+        g.vm.take_effects().is_empty(),
+        "no callout and no local reply"
+    );
+    assert_eq!(state.count(Limit::HeaderSyntax), 7);
+    let line = assert_one_line(&g.logs, "sent a header HTTP cannot carry");
+    assert!(
+        line.contains("serialized map has 1 bytes after its last pair"),
+        "{line}"
+    );
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn shared_data_stops_at_its_byte_quota_and_the_host_stays_small() {
+    let neighbour = healthy_neighbour();
+    // Every request stores a 4 MiB value under a new key (the unbounded version of this grew
+    // the host by 3.3 GB in 200 requests of 16 MiB).
+    let data = r#"(data (i32.const 0x400) "key-")"#;
+    let body = r#"
+    (i32.store8 (i32.const 0x404) (i32.add (i32.const 97) (i32.rem_u (global.get $n) (i32.const 26))))
+    (i32.store8 (i32.const 0x405) (i32.add (i32.const 97) (i32.rem_u (i32.div_u (global.get $n) (i32.const 26)) (i32.const 26))))
+    (call $rec (call $set_shared (i32.const 0x400) (i32.const 6) (i32.const 0x10000) (i32.const 0x400000) (i32.const 0)))
+    (call $report)"#;
+    let (mut g, state) = quota_guest(80, data, body, |o| {
+        o.vm_id = "shared-data-quota".into();
+        o.quotas.shared_data_bytes = 16 << 20;
+    });
+    let before = rss_kib();
+    let mut seen = Vec::new();
+    for _ in 0..300 {
+        let (ex, result) = g.request(GET_ROOT);
+        assert_eq!(result.unwrap(), Action::Continue);
+        seen.push(statuses(&ex)[0]);
+    }
+    let after = rss_kib();
+    // 16 MiB hold three 4 MiB values (and their keys); every later write: CAS_MISMATCH, the
+    // only refusal the SDKs accept from proxy_set_shared_data.
+    assert_eq!(&seen[..4], &[0, 0, 0, 8]);
+    assert!(seen[3..].iter().all(|s| *s == 8));
+    let held = host().shared().data_bytes("shared-data-quota");
+    assert_eq!(held, 3 * ((4 << 20) + 6));
+    assert_eq!(state.count(Limit::SharedDataBytes), 297);
+    let line = assert_one_line(&g.logs, "limits.sharedDataBytes (16777216)");
+    assert!(line.contains("refused with CAS_MISMATCH"), "{line}");
+    eprintln!(
+        "shared data flood: 300 requests x 4 MiB, {} KiB held, RSS {before} -> {after} KiB",
+        held / 1024
+    );
+    // Generous (other tests run in this process at the same time): unbounded, the same
+    // requests would hold 1.2 GB.
+    assert!(
+        after.saturating_sub(before) < 400 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn full_queues_drop_their_oldest_items_and_an_item_larger_than_the_queue_is_refused() {
+    let neighbour = healthy_neighbour();
+    let data = r#"(data (i32.const 0x400) "q")"#;
+    let body = format!(
+        r#"
+    (call $rec (call $register (i32.const 0x400) (i32.const 1) (i32.const 0x1000)))
+    (call $put_u32 (i32.const 0) (i32.load (i32.const 0x1000)))
+    {small}
+    {big}
+    (call $rec (call $enqueue (i32.load (i32.const 0x1000)) (i32.const 0x4000) (i32.const 4000)))
+    (call $put_u32 (i32.const 1) (local.get $ok))
+    (call $report)"#,
+        small = counted_loop(
+            6,
+            "(call $enqueue (i32.load (i32.const 0x1000)) (i32.const 0x4000) (i32.const 100))"
+        ),
+        big = counted_loop(
+            4,
+            "(call $enqueue (i32.load (i32.const 0x1000)) (i32.const 0x4000) (i32.const 1000))"
+        ),
+    );
+    let (mut g, state) = quota_guest(2, data, &body, |o| {
+        o.vm_id = "queue-quota".into();
+        o.quotas.queue_items = 4;
+        o.quotas.queue_bytes = 3000;
+    });
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    // register OK; the 4000-byte item is larger than the whole queue: BAD_ARGUMENT.
+    assert_eq!(statuses(&ex), vec![0, 2]);
+    assert_eq!(
+        reported_u32(&ex, 1),
+        10,
+        "every enqueue within the quota is OK"
+    );
+    let id = reported_u32(&ex, 0);
+    // Six 100-byte items: two dropped for the item count. Then 1000-byte items: the
+    // count drops one more each, and the bytes drop the rest: three 1000-byte items stay.
+    assert_eq!(host().shared().queue_size(id), Some((3, 3000)));
+    assert!(state.count(Limit::QueueItems) >= 2);
+    assert!(state.count(Limit::QueueBytes) >= 2);
+    assert_one_line(&g.logs, "limits.queueItems (4)");
+    let line = assert_one_line(&g.logs, "limits.queueBytes (3000)");
+    assert!(line.contains("dropped its"), "{line}");
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn metric_definitions_stop_at_the_count_quota_and_long_names_are_refused() {
+    let neighbour = healthy_neighbour();
+    let data = r#"(data (i32.const 0x400) "m-aa")"#;
+    let body = format!(
+        r#"{long}
+    (call $rec (call $define (i32.const 0) (i32.const 0x4000) (i32.const 60000) (i32.const 0x1000)))
+    (local.set $i (i32.const 0))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $i) (i32.const 100)))
+      (i32.store8 (i32.const 0x402) (i32.add (i32.const 97) (i32.rem_u (local.get $i) (i32.const 26))))
+      (i32.store8 (i32.const 0x403) (i32.add (i32.const 97) (i32.div_u (local.get $i) (i32.const 26))))
+      (if (i32.eqz (call $define (i32.const 0) (i32.const 0x400) (i32.const 4) (i32.const 0x1000)))
+        (then (local.set $ok (i32.add (local.get $ok) (i32.const 1)))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))
+    ;; an existing metric is still found past the quota
+    (i32.store16 (i32.const 0x402) (i32.const 0x6161))
+    (call $rec (call $define (i32.const 0) (i32.const 0x400) (i32.const 4) (i32.const 0x1000)))
+    (call $put_u32 (i32.const 0) (local.get $ok))
+    (call $report)"#,
+        long = fill(0x4000, b'a', 60000)
+    );
+    let (mut g, state) = quota_guest(2, data, &body, |o| {
+        o.quotas.metrics = 10;
+        o.quotas.metric_name_bytes = 64;
+    });
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    assert_eq!(statuses(&ex), vec![2, 0]);
+    assert_eq!(reported_u32(&ex, 0), 10);
+    assert_eq!(state.count(Limit::MetricNameBytes), 1);
+    assert_eq!(state.count(Limit::Metrics), 90);
+    assert_one_line(&g.logs, "limits.metricNameBytes (64)");
+    assert_one_line(&g.logs, "limits.metrics (10)");
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn callouts_past_the_pending_quota_get_internal_failure_and_one_log_line() {
+    let neighbour = healthy_neighbour();
+    let headers = pairs::serialize(&Fields::from_pairs([
+        (":method", "GET"),
+        (":path", "/"),
+        (":authority", "upstream"),
+    ]));
+    let data = format!(
+        r#"(data (i32.const 0x400) "upstream") {}"#,
+        wat_data(0x2000, &headers)
+    );
+    let body = format!(
+        r#"{calls}
+    (call $put_u32 (i32.const 0) (local.get $ok))
+    (call $put_u32 (i32.const 1) (local.get $other))"#,
+        calls = counted_loop(
+            1000,
+            &format!(
+                "(call $http_call (i32.const 0x400) (i32.const 8) (i32.const 0x2000) (i32.const {}) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 0x1000))",
+                headers.len()
+            )
+        )
+    );
+    let (mut g, state) = quota_guest(1, &data, &body, |o| o.quotas.pending_callouts = 5);
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    assert_eq!(reported_u32(&ex, 0), 5);
+    assert_eq!(reported_u32(&ex, 1), Status::InternalFailure as u32);
+    let calls =
+        g.vm.take_effects()
+            .into_iter()
+            .filter(|e| matches!(e, Effect::HttpCall(_)))
+            .count();
+    assert_eq!(calls, 5);
+    assert_eq!(state.count(Limit::PendingCallouts), 995);
+    // 995 refusals, one line (this used to be one "too many callouts outstanding" each).
+    let line = assert_one_line(&g.logs, "limits.pendingCallouts (5)");
+    assert!(line.contains("5 callouts outstanding"), "{line}");
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn a_log_flood_is_cut_to_the_filter_rate_and_the_excess_counted() {
+    let neighbour = healthy_neighbour();
+    let body = format!(
+        r#"{text}
+    {logs}
+    (call $put_u32 (i32.const 0) (local.get $ok))"#,
+        text = fill(0x4000, b'a', 1024),
+        logs = counted_loop(
+            7_800,
+            "(call $log (i32.const 2) (i32.const 0x4000) (i32.const 1024))"
+        )
+    );
+    let (mut g, state) = quota_guest(2, "", &body, |o| o.quotas.log_records_per_second = 100);
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    // proxy_log answers OK either way (the SDKs accept nothing else).
+    assert_eq!(reported_u32(&ex, 0), 7_800);
+    let kept = g
+        .logs
+        .0
+        .lock()
+        .iter()
+        .filter(|r| r.level == LogLevel::Info && r.message.len() == 1024)
+        .count();
+    // A burst of 100, plus what refills while the loop runs.
+    assert!((100..=400).contains(&kept), "{kept} records kept");
+    assert_eq!(state.count(Limit::LogRecordsPerSecond), 7_800 - kept as u64);
+    assert_one_line(&g.logs, "limits.logRecordsPerSecond (100)");
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn local_replies_past_the_quota_are_refused_and_bodies_past_memory_are_invalid_access() {
+    let neighbour = healthy_neighbour();
+    let body = format!(
+        r#"{text}
+    (call $rec (call $local (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 0x4000) (i32.const 32768) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (call $rec (call $local (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 0x400) (i32.const 0x4000000) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (call $rec (call $local (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 0x4000) (i32.const 1024) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (call $report)"#,
+        text = fill(0x4000, b'a', 32768)
+    );
+    let (mut g, state) = quota_guest(2, "", &body, |o| o.quotas.local_reply_bytes = 16384);
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    // Over the quota: BAD_ARGUMENT; a 64 MiB body past the end of memory:
+    // INVALID_MEMORY_ACCESS (it was BAD_ARGUMENT); within both: OK.
+    assert_eq!(statuses(&ex), vec![2, 6, 0]);
+    let replies: Vec<usize> =
+        g.vm.take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::LocalResponse { response, .. } => Some(response.body.len()),
+                _ => None,
+            })
+            .collect();
+    assert_eq!(replies, vec![1024]);
+    assert_eq!(state.count(Limit::LocalReplyBytes), 1);
+    assert_one_line(&g.logs, "limits.localReplyBytes (16384)");
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn a_looping_start_function_is_refused_naming_the_start_up_deadline() {
+    let neighbour = healthy_neighbour();
+    let module = Wat {
+        body: format!("(func $boot {SPIN}) (start $boot)"),
+        ..Wat::default()
+    }
+    .load();
+    let logs = Logs::default();
+    let mut opts = options(&logs);
+    opts.start_timeout = Duration::from_millis(50);
+    let err = host().new_vm(&module, opts).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VmError::Start(CallbackError::Timeout {
+                callback: "the module's start function",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "the module's start-up code failed: the module's start function ran past its 50ms deadline and was stopped"
+    );
+    assert_neighbours_unharmed(neighbour);
+}
+
+#[test]
+fn quotas_out_of_range_are_refused_when_the_vm_is_built_naming_the_field() {
+    let module = Wat::default().load();
+    let logs = Logs::default();
+    for (tweak, expected) in [
+        (
+            Box::new(|q: &mut Quotas| q.header_count = 0) as Box<dyn Fn(&mut Quotas)>,
+            "limits.headerCount is 0: it must be between 1 and 1048576",
+        ),
+        (
+            Box::new(|q: &mut Quotas| q.shared_data_bytes = 4 << 30),
+            "limits.sharedDataBytes is 4294967296: it must be between 1 and 1073741824",
+        ),
+        (
+            Box::new(|q: &mut Quotas| q.metrics = 1_000_000),
+            "limits.metrics is 1000000: it must be between 1 and 10000",
+        ),
+    ] {
+        let mut opts = options(&logs);
+        tweak(&mut opts.quotas);
+        let err = host().new_vm(&module, opts).unwrap_err();
+        assert_eq!(err.to_string(), expected);
+    }
+}
+
+#[test]
+fn the_quotas_of_one_filter_do_not_touch_another() {
+    // Two filters' VMs, one over its header quota: the other's counters stay at zero and
+    // its requests pass untouched.
+    let data = r#"(data (i32.const 0x400) "x-h") (data (i32.const 0x410) "v")"#;
+    let body = counted_loop(
+        1000,
+        "(call $add (i32.const 0) (i32.const 0x400) (i32.const 3) (i32.const 0x410) (i32.const 1))",
+    );
+    let (mut noisy, noisy_state) = quota_guest(1, data, &body, |o| o.quotas.header_count = 16);
+    let (mut quiet, quiet_state) = quota_guest(1, data, "", |_| {});
+    for _ in 0..50 {
+        let (_, r) = noisy.request(GET_ROOT);
+        assert_eq!(r.unwrap(), Action::Continue);
+        let (ex, r) = quiet.request(GET_ROOT);
+        assert_eq!(r.unwrap(), Action::Continue);
+        assert_eq!(original_headers(&ex), headers_of(GET_ROOT));
+    }
+    assert_eq!(noisy_state.count(Limit::HeaderCount), 50 * (1000 - 12));
+    assert!(quiet_state.refusals().iter().all(|(_, n)| *n == 0));
+    assert!(warnings(&quiet.logs, "limits.").is_empty());
+    // 50 requests within the 10 s interval: still one line.
+    assert_one_line(&noisy.logs, "limits.headerCount (16)");
 }
