@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     FailurePolicy, FilterLimits, LabelRequirement, LabelSelector, ModuleLocation, Phase,
-    RequestMatch, parse_duration, parse_quantity,
+    PluginType, RequestMatch, parse_duration, parse_quantity,
 };
 
 /// The largest `config` (or `vm.config`) the operator delivers, serialized: a string as-is,
@@ -137,6 +137,14 @@ pub const MAX_REPORTED_FAILURES: usize = 10;
     .message("module is required: set module.image to an OCI reference such as registry.example/filters/auth:v1, or module.url (an http(s) URL) together with module.sha256")
     .field_path(".module")
     .reason(Reason::FieldValueRequired))]
+#[x_kube(validation = Rule::new("!has(self.type) || self.type == 'HTTP' || !has(self.match) || ((!has(self.match.hosts) || size(self.match.hosts) == 0) && (!has(self.match.pathPrefixes) || size(self.match.pathPrefixes) == 0) && (!has(self.match.methods) || size(self.match.methods) == 0))")
+    .message("match applies to HTTP filters only: a Network or Service plugin sees no HTTP requests, so remove match (a Network filter chooses TCP listeners with listeners)")
+    .field_path(".match")
+    .reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("!has(self.listeners) || size(self.listeners) == 0 || (has(self.type) && self.type == 'Network')")
+    .message("listeners chooses the dataplanes' TCP listeners of a Network filter: set type: Network, or remove listeners")
+    .field_path(".listeners")
+    .reason(Reason::FieldValueForbidden))]
 pub struct WasmFilterSpec {
     /// Where the .wasm module comes from: exactly one of `image` (an OCI artifact) or `url`
     /// (an http(s) download pinned by `sha256`).
@@ -207,6 +215,20 @@ pub struct WasmFilterSpec {
     /// Resource limits of each VM instance of this filter.
     #[serde(default)]
     pub limits: LimitsSpec,
+
+    /// Which traffic the filter sees. HTTP (the default): each HTTP request on the
+    /// dataplanes' HTTP listeners that `match` accepts. Network (Istio's NETWORK): each TCP
+    /// connection on the dataplanes' TCP listeners named in `listeners`. Service: no traffic;
+    /// a root context started once per dataplane process, for ticks, callouts, shared data and
+    /// queues shared with the filters of the same `vm.id`.
+    #[serde(default, rename = "type")]
+    pub plugin_type: FilterType,
+
+    /// Network filters: the names of the dataplanes' TCP listeners they run on; omitted or
+    /// empty: every TCP listener. At most 16 names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub listeners: Vec<String>,
 }
 
 /// Where the .wasm module comes from.
@@ -371,14 +393,16 @@ pub enum SelectorOperator {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestMatchSpec {
-    /// Hosts (the request's :authority or Host without the port), lower-case: exact names
-    /// like `api.example.com`, or wildcards like `*.example.com`, which match any subdomain
-    /// but not example.com itself. At most 32.
+    /// Hosts (the request's :authority or Host, compared without the port or a trailing dot
+    /// and ignoring case), written lower-case in Envoy's forms: an exact name like
+    /// `api.example.com`; `*` (any host); a suffix wildcard like `*.example.com` (any
+    /// subdomain, not example.com itself) or `*-edge.example.com`; a prefix wildcard like
+    /// `api.*` or `api-*`. A `*` stands for at least one character. At most 32.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(max = 253)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
-    #[x_kube(validation = Rule::new("self.all(h, h.matches('^([*][.])?[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'))")
-        .message("match.hosts: each host must be a lower-case DNS name without a port, optionally starting with '*.', like api.example.com or *.example.com"))]
+    #[x_kube(validation = Rule::new("self.all(h, h.matches('^([*]|[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*|[*]([.][a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*|[-a-z0-9]*[a-z0-9]([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*)|([a-z0-9]([-a-z0-9]*[a-z0-9])?[.])*([a-z0-9][-a-z0-9]*)?[*])$'))")
+        .message("match.hosts: each host must be a lower-case DNS name without a port, exact or with one '*' alone, first or last, like api.example.com, *, *.example.com, *-edge.example.com or api.*"))]
     pub hosts: Vec<String>,
 
     /// Path prefixes, each starting with '/', like `/api/v1`. A prefix matches by string
@@ -421,6 +445,15 @@ pub enum FilterFailurePolicy {
     #[default]
     FailClosed,
     FailOpen,
+}
+
+/// Which traffic a filter sees.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FilterType {
+    #[default]
+    HTTP,
+    Network,
+    Service,
 }
 
 /// Resource limits of each VM instance of a filter.
@@ -701,6 +734,16 @@ impl From<FilterPhase> for Phase {
             FilterPhase::Authz => Phase::Authz,
             FilterPhase::Stats => Phase::Stats,
             FilterPhase::Default => Phase::Default,
+        }
+    }
+}
+
+impl From<FilterType> for PluginType {
+    fn from(t: FilterType) -> PluginType {
+        match t {
+            FilterType::HTTP => PluginType::HTTP,
+            FilterType::Network => PluginType::Network,
+            FilterType::Service => PluginType::Service,
         }
     }
 }

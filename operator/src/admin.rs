@@ -684,6 +684,8 @@ mod tests {
             priority: 0,
             failure_policy: wasmfilter_api::FailurePolicy::FailClosed,
             limits: Default::default(),
+            plugin_type: Default::default(),
+            listeners: vec![],
         };
         control.publish(Default::default(), version("a"));
         control.publish(Default::default(), version("b"));

@@ -549,6 +549,8 @@ fn version_of(
         priority: spec.priority,
         failure_policy: spec.failure_policy.into(),
         limits,
+        plugin_type: spec.plugin_type.into(),
+        listeners: spec.listeners.clone(),
     };
     Ok((selector, version))
 }

@@ -22,7 +22,7 @@ use wasmfilter_api::control::{
     self, ControlMessage, DataplaneMessage, FetchModuleRequest, ModuleChunk, Snapshot,
     control_message, dataplane_message,
 };
-use wasmfilter_api::{FailurePolicy, Phase};
+use wasmfilter_api::{FailurePolicy, Phase, PluginType};
 
 use crate::control::ControlPlane;
 use crate::index::FilterVersion;
@@ -370,5 +370,11 @@ pub fn to_proto(f: &FilterVersion, revision: &str) -> control::Filter {
         } as i32,
         memory_limit_bytes: f.limits.memory_bytes,
         callback_timeout_ms: f.limits.callback_timeout.as_millis().min(u32::MAX as u128) as u32,
+        plugin_type: match f.plugin_type {
+            PluginType::HTTP => control::PluginType::Http,
+            PluginType::Network => control::PluginType::Network,
+            PluginType::Service => control::PluginType::Service,
+        } as i32,
+        listeners: f.listeners.clone(),
     }
 }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use wasmfilter_api::{
-    FailurePolicy, FilterLimits, LabelSelector, Phase, RequestMatch, chain_order,
+    FailurePolicy, FilterLimits, LabelSelector, Phase, PluginType, RequestMatch, chain_order,
 };
 
 /// A WasmFilter's identity: `namespace/name`, which is also its name on the dataplanes.
@@ -57,6 +57,9 @@ pub struct FilterVersion {
     pub priority: i32,
     pub failure_policy: FailurePolicy,
     pub limits: FilterLimits,
+    pub plugin_type: PluginType,
+    /// Network filters: the dataplanes' TCP listeners they run on (empty: every one).
+    pub listeners: Vec<String>,
 }
 
 impl FilterVersion {
@@ -98,6 +101,13 @@ impl FilterVersion {
         );
         field(&self.limits.memory_bytes.to_le_bytes());
         field(&(self.limits.callback_timeout.as_millis() as u64).to_le_bytes());
+        // Added after the fields above: an HTTP filter keeps the revision it had before.
+        if self.plugin_type != PluginType::HTTP || !self.listeners.is_empty() {
+            field(format!("{:?}", self.plugin_type).as_bytes());
+            for l in &self.listeners {
+                field(l.as_bytes());
+            }
+        }
         hex::encode(&h.finalize()[..8])
     }
 }
@@ -523,6 +533,8 @@ mod tests {
             priority,
             failure_policy: FailurePolicy::FailClosed,
             limits: FilterLimits::default(),
+            plugin_type: PluginType::HTTP,
+            listeners: vec![],
         }
     }
 

@@ -159,6 +159,8 @@ fn rewrite(key: &FilterKey, module: &(String, u64), config: &str) -> FilterVersi
         priority: 0,
         failure_policy: FailurePolicy::FailClosed,
         limits: FilterLimits::default(),
+        plugin_type: Default::default(),
+        listeners: vec![],
     }
 }
 

@@ -8,11 +8,20 @@ use anyhow::{Context, bail};
 
 /// Every filter in `filters/rust` (its `[lib] name`, which is also the `.wasm` file name).
 pub const RUST_FILTERS: &[&str] = &[
+    "tcp_guard",
+    "token_service",
+    "token_header",
     "header_rewrite",
     "local_reply",
     "body_rewrite",
     "callout",
     "observe",
+    "pause_until_tick",
+    "lifecycle_count",
+    "queue_producer",
+    "queue_consumer",
+    "grpc_deny",
+    "tick_trap",
 ];
 
 /// Path of the built `.wasm` for the Rust filter `name`, building all of them on first use.

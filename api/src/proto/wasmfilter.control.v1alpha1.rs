@@ -133,6 +133,12 @@ pub struct Filter {
     pub memory_limit_bytes: u64,
     #[prost(uint32, tag = "15")]
     pub callback_timeout_ms: u32,
+    #[prost(enumeration = "PluginType", tag = "20")]
+    pub plugin_type: i32,
+    /// PLUGIN_TYPE_NETWORK: the names of the dataplane's TCP listeners it runs on (empty: every
+    /// one). A listener name the dataplane does not have matches nothing there.
+    #[prost(string, repeated, tag = "21")]
+    pub listeners: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// The dataplane's answer to a Snapshot, after it applied what it could.
 #[allow(clippy::all)]
@@ -330,6 +336,41 @@ impl FailurePolicy {
         match value {
             "FAIL_CLOSED" => Some(Self::FailClosed),
             "FAIL_OPEN" => Some(Self::FailOpen),
+            _ => None,
+        }
+    }
+}
+/// Which traffic a plugin sees: proxy-wasm's three plugin shapes.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum PluginType {
+    /// A stream context per HTTP request on the dataplane's HTTP listeners (the default).
+    Http = 0,
+    /// A stream context per TCP connection on the dataplane's TCP listeners named in `listeners`.
+    Network = 1,
+    /// No stream: a root context started once per dataplane process (ticks, callouts, shared
+    /// data and queues).
+    Service = 2,
+}
+impl PluginType {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Http => "PLUGIN_TYPE_HTTP",
+            Self::Network => "PLUGIN_TYPE_NETWORK",
+            Self::Service => "PLUGIN_TYPE_SERVICE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "PLUGIN_TYPE_HTTP" => Some(Self::Http),
+            "PLUGIN_TYPE_NETWORK" => Some(Self::Network),
+            "PLUGIN_TYPE_SERVICE" => Some(Self::Service),
             _ => None,
         }
     }

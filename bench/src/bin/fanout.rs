@@ -93,6 +93,8 @@ fn version(config: &str) -> FilterVersion {
         priority: 0,
         failure_policy: FailurePolicy::FailClosed,
         limits: FilterLimits::default(),
+        plugin_type: Default::default(),
+        listeners: Vec::new(),
     }
 }
 

@@ -17,10 +17,10 @@ use wasmfilter_api::control;
 use wasmfilter_api::{FailurePolicy, Phase, RequestMatch, chain_order};
 use wasmfilter_host::{
     CallbackError, Embedder, Host, LogLevel, MetricsRegistry, PluginModule, PluginSpec,
-    PropertyValue, Vm, VmOptions,
+    PropertyValue, QueueReady, Vm, VmOptions,
 };
 
-use crate::config::{self, Builtin, Config};
+use crate::config::{self, Builtin, Config, PluginType};
 
 /// What runs a filter: a compiled proxy-wasm module (one VM per worker), or a filter built
 /// into the dataplane ([`crate::native`]), called at the same points of the request path.
@@ -46,8 +46,14 @@ pub struct LoadedFilter {
     pub vm_id: String,
     pub memory_limit: usize,
     pub callback_timeout: Duration,
+    /// Quotas on the host resources the filter can grow (`limits` in the configuration).
+    pub quotas: wasmfilter_host::Quotas,
     pub log_level: LogLevel,
     pub env: Vec<(String, String)>,
+    /// Which traffic it sees: HTTP streams, TCP connections, or none (a service plugin).
+    pub plugin_type: PluginType,
+    /// Network filters: the TCP listeners they run on (empty: every one).
+    pub listeners: Vec<String>,
     /// Which configuration version introduced this filter as it is now.
     pub version: u64,
     pub metrics: crate::metrics::FilterMetrics,
@@ -71,7 +77,11 @@ pub struct FilterDef {
     pub failure_policy: FailurePolicy,
     pub memory_limit: usize,
     pub callback_timeout: Duration,
+    /// Quotas on the host resources the filter can grow (`limits` in the configuration).
+    pub quotas: wasmfilter_host::Quotas,
     pub log_level: LogLevel,
+    pub plugin_type: PluginType,
+    pub listeners: Vec<String>,
     pub managed: Option<(String, control::Filter)>,
 }
 
@@ -138,8 +148,11 @@ impl LoadedFilter {
             vm_id: def.vm_id,
             memory_limit: def.memory_limit,
             callback_timeout: def.callback_timeout,
+            quotas: def.quotas,
             log_level: def.log_level,
             env: def.env,
+            plugin_type: def.plugin_type,
+            listeners: def.listeners,
             version,
             metrics: metrics.for_filter(&def.name),
             managed: def.managed,
@@ -161,6 +174,18 @@ impl LoadedFilter {
             FilterKind::Wasm(_) => None,
             FilterKind::Native { filter, .. } => Some(filter.as_ref()),
         }
+    }
+
+    /// Whether HTTP requests run this filter (network filters and service plugins never see
+    /// one).
+    pub fn is_http(&self) -> bool {
+        self.plugin_type == PluginType::HTTP
+    }
+
+    /// Whether connections on the TCP listener `listener` run this network filter.
+    pub fn runs_on_tcp_listener(&self, listener: &str) -> bool {
+        self.plugin_type == PluginType::Network
+            && (self.listeners.is_empty() || self.listeners.iter().any(|l| l == listener))
     }
 
     pub fn revision(&self) -> &str {
@@ -191,13 +216,43 @@ pub struct Active {
     pub http: Arc<config::HttpOptions>,
 }
 
-/// Tells VMs which clusters callouts may target.
-pub struct ClusterNames(pub Vec<String>);
+/// Tells VMs which clusters callouts may target, and carries `proxy_on_queue_ready` to the
+/// worker that owns the queue's VM.
+pub struct ClusterNames(pub Vec<String>, pub QueueRoutes);
 
 impl Embedder for ClusterNames {
     fn has_cluster(&self, cluster: &str) -> bool {
         self.0.iter().any(|c| c == cluster)
     }
+
+    /// Called on the enqueuing thread (any worker): posts the notice to the owner VM's worker,
+    /// which delivers it from its event loop (`timers::on_queue_ready`), once per enqueue.
+    fn queue_ready(&self, ready: QueueReady) {
+        let tx = self.1.0.lock().get(&ready.vm_instance).cloned();
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(ready);
+            }
+            None => tracing::debug!(?ready, "queue item for a VM that is gone"),
+        }
+    }
+}
+
+/// Which worker runs each VM (by [`Vm::instance_id`]), for queue notices.
+#[derive(Default)]
+pub struct QueueRoutes(parking_lot::Mutex<HashMap<u64, QueueSender>>);
+
+/// A worker's queue-notice inbox.
+pub type QueueSender = tokio::sync::mpsc::UnboundedSender<QueueReady>;
+
+thread_local! {
+    /// This worker's queue-notice inbox, set when its event loop starts.
+    static WORKER_QUEUE: RefCell<Option<QueueSender>> = const { RefCell::new(None) };
+}
+
+/// Makes `tx` the inbox of the VMs this worker creates from now on.
+pub fn set_worker_queue(tx: QueueSender) {
+    WORKER_QUEUE.with(|q| *q.borrow_mut() = Some(tx));
 }
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -242,6 +297,7 @@ impl Active {
         let generation = next_generation();
         let embedder = Arc::new(ClusterNames(
             config.clusters.iter().map(|c| c.name.clone()).collect(),
+            QueueRoutes::default(),
         ));
         let mut filters = Vec::new();
         for (index, f) in config.filters.iter().enumerate() {
@@ -272,7 +328,10 @@ impl Active {
                 failure_policy: f.failure_policy,
                 memory_limit: config::parse_quantity(&f.limits.memory).map_err(fail)?,
                 callback_timeout: f.limits.callback_timeout,
+                quotas: f.limits.quotas().map_err(|(_, m)| fail(m))?,
                 log_level: f.log_level.parse().map_err(fail)?,
+                plugin_type: f.plugin_type,
+                listeners: f.listeners.clone(),
                 managed: None,
             };
             if let Some(native) = &f.native {
@@ -470,6 +529,8 @@ impl LoadedFilter {
                 label: self.name.clone(),
                 memory_limit_bytes: self.memory_limit,
                 callback_timeout: self.callback_timeout,
+                quotas: self.quotas,
+                quota_state: self.metrics.quota.clone(),
                 log_level: self.log_level,
                 env: self.env.clone(),
                 embedder,
@@ -503,7 +564,14 @@ pub struct WorkerVms {
 
 thread_local! {
     pub static WORKER_VMS: RefCell<WorkerVms> = RefCell::new(WorkerVms::default());
+    /// Whether this worker runs the service plugins (`type: Service`): exactly one does.
+    pub static HOSTS_SERVICE_PLUGINS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
+
+/// How often a worker looks for failed VMs whose backoff has passed, to rebuild them (and
+/// restart their ticks and queues) without waiting for a request: 50 ms, the shortest backoff's
+/// half.
+pub const RETRY_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Backoff before rebuilding a VM after its `n`th consecutive failure: 100 ms doubling to 30 s.
 pub fn backoff(failures: u32) -> Duration {
@@ -576,6 +644,12 @@ impl WorkerVms {
                 if slot.failures > 0 {
                     filter.metrics.vm_restart();
                 }
+                if let Some(tx) = WORKER_QUEUE.with(|q| q.borrow().clone()) {
+                    let mut routes = embedder.1.0.lock();
+                    // Routes to workers that stopped go.
+                    routes.retain(|_, tx| !tx.is_closed());
+                    routes.insert(vm.0.instance_id(), tx);
+                }
                 let handle = Rc::new(RefCell::new(vm));
                 slot.vm = Some(handle.clone());
                 Ok((handle, true))
@@ -600,6 +674,22 @@ impl WorkerVms {
             slot.failures += 1;
             slot.retry_at = Some(Instant::now() + backoff(slot.failures));
         }
+    }
+
+    /// Whether a failed VM's backoff has passed, so [`WorkerVms::get`] would rebuild it.
+    pub fn retry_due(&self) -> bool {
+        let now = Instant::now();
+        self.slots
+            .values()
+            .any(|s| s.vm.is_none() && s.retry_at.is_some_and(|at| at <= now))
+    }
+
+    /// The current VM of this worker whose instance id is `instance`, with its filter's key.
+    pub fn by_instance(&self, instance: u64) -> Option<((String, u64), VmHandle)> {
+        self.slots.iter().find_map(|(key, slot)| {
+            let vm = slot.vm.as_ref()?;
+            (vm.try_borrow().ok()?.0.instance_id() == instance).then(|| (key.clone(), vm.clone()))
+        })
     }
 
     pub fn succeeded(&mut self, filter: &LoadedFilter) {

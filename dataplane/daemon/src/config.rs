@@ -34,9 +34,16 @@ pub struct Config {
     /// Registries (`host:port`) that filter `image`s are pulled from over plain HTTP.
     #[serde(default)]
     pub insecure_registries: Vec<String>,
-    /// How long in-flight requests may take to finish after SIGTERM.
+    /// How long in-flight requests (and their response bodies) may take to finish after
+    /// SIGTERM.
     #[serde(default = "default_drain", with = "duration")]
     pub drain_timeout: Duration,
+    /// Timeouts that keep a slow or silent peer from holding a connection (docs/operations.md).
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Connection, stream and buffer limits of the proxy listeners (docs/operations.md).
+    #[serde(default)]
+    pub limits: ProxyLimits,
     /// How request heads are normalised before filters and routes match them, and which
     /// peers may set `X-Forwarded-*` (docs/operations.md, "Request normalisation and scope
     /// matching").
@@ -80,6 +87,11 @@ pub struct OperatorLink {
     /// How often per-filter stats are reported.
     #[serde(default = "default_stats_interval", with = "duration")]
     pub stats_interval: Duration,
+    /// Time to establish the link: TCP connect, TLS handshake, HTTP/2 handshake and the
+    /// operator's answer to the stream's opening ([`DEFAULT_OPERATOR_HANDSHAKE_TIMEOUT`]). A
+    /// peer that accepts and then says nothing fails the attempt, which is retried.
+    #[serde(default = "d_operator_handshake", with = "duration")]
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -116,7 +128,69 @@ pub struct Listener {
     pub address: String,
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// The name network filters choose the listener by (`filters[].listeners`). Optional;
+    /// unique when given.
+    #[serde(default)]
+    pub name: String,
+    /// `HTTP` (the default: the HTTP reverse proxy with its routes and HTTP filters) or `TCP`
+    /// (every connection is proxied byte for byte to `cluster`, through the network filters
+    /// that choose this listener).
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// `TCP` listeners: the cluster each connection goes to (its first endpoint that
+    /// accepts).
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// `TCP` listeners: time to connect to the upstream ([`DEFAULT_TCP_CONNECT_TIMEOUT`]).
+    #[serde(default = "d_tcp_connect", with = "duration")]
+    pub connect_timeout: Duration,
+    /// `TCP` listeners: a connection with no bytes either way for this long is closed
+    /// ([`DEFAULT_TCP_IDLE_TIMEOUT`]).
+    #[serde(default = "d_tcp_idle", with = "duration")]
+    pub idle_timeout: Duration,
 }
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ListenerProtocol {
+    #[default]
+    #[serde(alias = "http")]
+    HTTP,
+    #[serde(alias = "tcp")]
+    TCP,
+}
+
+/// `listeners[].connectTimeout` default for TCP listeners: 5 s, Envoy's cluster
+/// `connect_timeout` default.
+pub const DEFAULT_TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `listeners[].idleTimeout` default for TCP listeners: 1 h, Envoy's `tcp_proxy`
+/// `idle_timeout` default (a database connection may be quiet for minutes).
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn d_tcp_connect() -> Duration {
+    DEFAULT_TCP_CONNECT_TIMEOUT
+}
+fn d_tcp_idle() -> Duration {
+    DEFAULT_TCP_IDLE_TIMEOUT
+}
+
+impl Listener {
+    /// A plain HTTP listener on `address`.
+    pub fn http(address: String, tls: Option<Tls>) -> Listener {
+        Listener {
+            address,
+            tls,
+            name: String::new(),
+            protocol: ListenerProtocol::HTTP,
+            cluster: None,
+            connect_timeout: DEFAULT_TCP_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Which traffic a plugin sees (`filters[].type`).
+pub use wasmfilter_api::PluginType;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -140,6 +214,9 @@ pub struct Route {
     /// Readable by filters as `xds.route_metadata` / `route_metadata`.
     #[serde(default)]
     pub metadata: serde_json::Value,
+    /// Overrides the cluster's `timeout` for this route.
+    #[serde(default, with = "optional_duration")]
+    pub timeout: Option<Duration>,
 }
 
 /// The `http` section: request normalisation and trusted hops. Every default is the safe one.
@@ -253,8 +330,13 @@ pub struct Cluster {
     /// A built-in upstream instead of endpoints: `echo` answers with what it received.
     #[serde(default)]
     pub builtin: Option<Builtin>,
+    /// The request timeout: from the moment the request (with its body) has been sent until
+    /// the upstream's response head arrives; 504 past it. Default 15s, Envoy's route timeout.
     #[serde(default = "default_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Caps on what this cluster is sent at once; past one the request gets 503 at once.
+    #[serde(default)]
+    pub circuit_breakers: CircuitBreakers,
     /// Speak HTTP/2 (h2c) to the endpoints, as gRPC needs.
     #[serde(default)]
     pub http2: bool,
@@ -307,6 +389,12 @@ pub struct Filter {
     /// Lowest guest log level kept: trace, debug, info, warn, error, critical.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// `HTTP` (default), `Network` or `Service`: see [`PluginType`].
+    #[serde(default, rename = "type")]
+    pub plugin_type: PluginType,
+    /// Network filters: the names of the `TCP` listeners they run on (empty: every one).
+    #[serde(default)]
+    pub listeners: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -332,6 +420,38 @@ pub struct Limits {
     /// Budget of one callback, e.g. `100ms`.
     #[serde(default = "default_callback_timeout", with = "duration")]
     pub callback_timeout: Duration,
+    // Quotas on host resources the filter can grow (docs/limits.md; defaults in
+    // wasmfilter_host::limits). Byte quotas are quantities like `64Mi`; unset means default.
+    /// Bytes (keys plus values) of the shared data of the filter's VM id (64Mi).
+    #[serde(default)]
+    pub shared_data_bytes: Option<String>,
+    /// Bytes one shared queue holds before dropping its oldest items (16Mi).
+    #[serde(default)]
+    pub queue_bytes: Option<String>,
+    /// Items one shared queue holds before dropping its oldest (10000).
+    #[serde(default)]
+    pub queue_items: Option<usize>,
+    /// Metrics the filter may define (1000).
+    #[serde(default)]
+    pub metrics: Option<usize>,
+    /// Longest metric name, in bytes (512).
+    #[serde(default)]
+    pub metric_name_bytes: Option<usize>,
+    /// Fields the filter may put in one header or trailer map (1024).
+    #[serde(default)]
+    pub header_count: Option<usize>,
+    /// Bytes the filter may put in one header or trailer map (1Mi).
+    #[serde(default)]
+    pub header_bytes: Option<String>,
+    /// Callouts one VM may have outstanding (1000).
+    #[serde(default)]
+    pub pending_callouts: Option<usize>,
+    /// Largest local reply body (1Mi).
+    #[serde(default)]
+    pub local_reply_bytes: Option<String>,
+    /// Log records per second, all workers together; the excess is dropped and counted (1000).
+    #[serde(default)]
+    pub log_records_per_second: Option<u32>,
 }
 
 impl Default for Limits {
@@ -339,8 +459,285 @@ impl Default for Limits {
         Limits {
             memory: default_memory(),
             callback_timeout: default_callback_timeout(),
+            shared_data_bytes: None,
+            queue_bytes: None,
+            queue_items: None,
+            metrics: None,
+            metric_name_bytes: None,
+            header_count: None,
+            header_bytes: None,
+            pending_callouts: None,
+            local_reply_bytes: None,
+            log_records_per_second: None,
         }
     }
+}
+
+impl Limits {
+    /// The filter's quotas: the set fields over the host's defaults. The error names the
+    /// field (`limits.<name>`, relative to the filter) and the accepted range.
+    pub fn quotas(&self) -> Result<wasmfilter_host::Quotas, (String, String)> {
+        let mut q = wasmfilter_host::Quotas::default();
+        let bytes =
+            |name: &str, v: &Option<String>, into: &mut usize| -> Result<(), (String, String)> {
+                if let Some(text) = v {
+                    *into = parse_quantity(text).map_err(|m| (format!("limits.{name}"), m))?;
+                }
+                Ok(())
+            };
+        bytes(
+            "sharedDataBytes",
+            &self.shared_data_bytes,
+            &mut q.shared_data_bytes,
+        )?;
+        bytes("queueBytes", &self.queue_bytes, &mut q.queue_bytes)?;
+        bytes("headerBytes", &self.header_bytes, &mut q.header_bytes)?;
+        bytes(
+            "localReplyBytes",
+            &self.local_reply_bytes,
+            &mut q.local_reply_bytes,
+        )?;
+        for (v, into) in [
+            (self.queue_items, &mut q.queue_items),
+            (self.metrics, &mut q.metrics),
+            (self.metric_name_bytes, &mut q.metric_name_bytes),
+            (self.header_count, &mut q.header_count),
+            (self.pending_callouts, &mut q.pending_callouts),
+        ] {
+            if let Some(v) = v {
+                *into = v;
+            }
+        }
+        if let Some(v) = self.log_records_per_second {
+            q.log_records_per_second = v;
+        }
+        q.validate().map_err(|m| {
+            let field = m.split_whitespace().next().unwrap_or("limits").to_string();
+            (field, m)
+        })?;
+        Ok(q)
+    }
+}
+
+// ---- Limits and defaults of the proxy (docs/operations.md explains each) ----
+
+/// `timeouts.headerRead` default: a client has 10 s to send a request head (the first on a
+/// connection, or the next on a keep-alive one). nginx's `client_header_timeout` is 60 s; a
+/// real client needs milliseconds, a slowloris connection is cut six times sooner.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// `timeouts.idle` default: a connection with no request in flight is closed after 75 s,
+/// nginx's `keepalive_timeout` (Envoy's `idle_timeout` is 1 h).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// `timeouts.keepAliveInterval` default: HTTP/2 PING every 30 s on an otherwise silent
+/// connection; a peer that does not answer within `keepAliveTimeout` (20 s, hyper's default)
+/// is gone and its connection closed.
+pub const DEFAULT_H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// `timeouts.upstreamIdle` default: an upstream response body that sends nothing for 60 s
+/// is cut (the client sees a reset). nginx's `proxy_read_timeout` is 60 s.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `timeouts.tlsHandshake` default: 10 s for a client to complete the TLS handshake
+/// (Envoy's `transport_socket_connect_timeout` is commonly set so; nginx bounds it by
+/// `client_header_timeout`).
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `limits.maxConnections` default, per listener: Envoy's edge `connection_limit` 10000.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// `limits.perConnectionBufferBytes` default: 1 MiB, Envoy's
+/// `per_connection_buffer_limit_bytes`. HTTP/2 windows and send buffers are sized from it.
+pub const DEFAULT_PER_CONNECTION_BUFFER: usize = 1 << 20;
+/// `limits.maxConcurrentStreams` default: 100 HTTP/2 streams per connection, Envoy's edge
+/// value (its protocol default is 2^31-1).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// `limits.maxRequestHeadersBytes` default: 60 KiB, Envoy's `max_request_headers_kb`.
+pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 60 << 10;
+/// `clusters[].circuitBreakers.*` default: 1024 each, Envoy's circuit breaker defaults.
+pub const DEFAULT_CIRCUIT_BREAKER: usize = 1024;
+/// A cluster's `timeout` default, and the stream timeout of a request that matched no route:
+/// 15 s, Envoy's route timeout. It also bounds how long a filter may keep a stream paused
+/// with nothing resuming it (then 504, naming the filter).
+pub const DEFAULT_STREAM_TIMEOUT: Duration = Duration::from_secs(15);
+/// `drainTimeout` default: 10 s for in-flight requests after SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a TLS listener's certificate and key files are looked at for a change
+/// (`crate::tls`): 2 s. A Secret volume is updated about a minute after the Secret, and
+/// cert-manager renews weeks before expiry, so a few seconds cost nothing and a `stat` of two
+/// files every 2 s is free.
+pub const CERT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// `operator.handshakeTimeout` default: 10 s to connect to the operator and open the stream
+/// (TCP, TLS, HTTP/2, the stream's response head). An operator answers in milliseconds; a
+/// silent peer (a half-dead node, a wrong port that accepts) would otherwise hold the link
+/// forever, as tonic's own connect timeout covers only the TCP connect.
+pub const DEFAULT_OPERATOR_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `timeouts` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// Time to receive a whole request head ([`DEFAULT_HEADER_READ_TIMEOUT`]); also bounds a
+    /// connection that sends nothing at all.
+    #[serde(default = "d_header_read", with = "duration")]
+    pub header_read: Duration,
+    /// A connection with no request in flight is closed after this ([`DEFAULT_IDLE_TIMEOUT`]).
+    #[serde(default = "d_idle", with = "duration")]
+    pub idle: Duration,
+    /// HTTP/2 PING interval on a silent connection ([`DEFAULT_H2_KEEPALIVE_INTERVAL`]).
+    #[serde(default = "d_ka_interval", with = "duration")]
+    pub keep_alive_interval: Duration,
+    /// How long a PING may go unanswered ([`DEFAULT_H2_KEEPALIVE_TIMEOUT`]).
+    #[serde(default = "d_ka_timeout", with = "duration")]
+    pub keep_alive_timeout: Duration,
+    /// Longest silence between two reads of an upstream response body
+    /// ([`DEFAULT_UPSTREAM_IDLE_TIMEOUT`]).
+    #[serde(default = "d_upstream_idle", with = "duration")]
+    pub upstream_idle: Duration,
+    /// Time for a TLS client to finish its handshake ([`DEFAULT_TLS_HANDSHAKE_TIMEOUT`]).
+    #[serde(default = "d_tls", with = "duration")]
+    pub tls_handshake: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header_read: DEFAULT_HEADER_READ_TIMEOUT,
+            idle: DEFAULT_IDLE_TIMEOUT,
+            keep_alive_interval: DEFAULT_H2_KEEPALIVE_INTERVAL,
+            keep_alive_timeout: DEFAULT_H2_KEEPALIVE_TIMEOUT,
+            upstream_idle: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            tls_handshake: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+fn d_header_read() -> Duration {
+    DEFAULT_HEADER_READ_TIMEOUT
+}
+fn d_idle() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn d_ka_interval() -> Duration {
+    DEFAULT_H2_KEEPALIVE_INTERVAL
+}
+fn d_ka_timeout() -> Duration {
+    DEFAULT_H2_KEEPALIVE_TIMEOUT
+}
+fn d_upstream_idle() -> Duration {
+    DEFAULT_UPSTREAM_IDLE_TIMEOUT
+}
+fn d_tls() -> Duration {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT
+}
+
+/// The `limits` section (the proxy listeners; filters have their own `filters[].limits`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyLimits {
+    /// Open client connections per listener; more are closed as soon as they are accepted
+    /// ([`DEFAULT_MAX_CONNECTIONS`]).
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+    /// Bytes buffered per connection, e.g. `1Mi` ([`DEFAULT_PER_CONNECTION_BUFFER`]): the
+    /// HTTP/2 connection window and send buffer, split evenly over `maxConcurrentStreams` for
+    /// each stream's window and send buffer (at least 16 KiB each).
+    #[serde(default = "d_buffer", deserialize_with = "quantity")]
+    pub per_connection_buffer_bytes: usize,
+    /// HTTP/2 streams per connection ([`DEFAULT_MAX_CONCURRENT_STREAMS`]).
+    #[serde(default = "d_streams")]
+    pub max_concurrent_streams: u32,
+    /// Largest request head, e.g. `60Ki` ([`DEFAULT_MAX_REQUEST_HEADERS`]); past it HTTP/1
+    /// gets 431 and HTTP/2 a stream error.
+    #[serde(default = "d_headers", deserialize_with = "quantity")]
+    pub max_request_headers_bytes: usize,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        ProxyLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            per_connection_buffer_bytes: DEFAULT_PER_CONNECTION_BUFFER,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_request_headers_bytes: DEFAULT_MAX_REQUEST_HEADERS,
+        }
+    }
+}
+
+impl ProxyLimits {
+    /// One HTTP/2 stream's share of the connection buffer (its window and send buffer).
+    pub fn per_stream_buffer_bytes(&self) -> usize {
+        (self.per_connection_buffer_bytes / self.max_concurrent_streams.max(1) as usize)
+            .max(16 << 10)
+    }
+}
+
+fn d_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn d_buffer() -> usize {
+    DEFAULT_PER_CONNECTION_BUFFER
+}
+fn d_streams() -> u32 {
+    DEFAULT_MAX_CONCURRENT_STREAMS
+}
+fn d_headers() -> usize {
+    DEFAULT_MAX_REQUEST_HEADERS
+}
+
+/// `clusters[].circuitBreakers`: Envoy's three per-cluster breakers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakers {
+    /// Open connections to the cluster's endpoints.
+    #[serde(default = "d_breaker")]
+    pub max_connections: usize,
+    /// Requests sent and still waiting for the response head.
+    #[serde(default = "d_breaker")]
+    pub max_pending_requests: usize,
+    /// Requests in flight, from sending until the response body ends.
+    #[serde(default = "d_breaker")]
+    pub max_requests: usize,
+}
+
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        CircuitBreakers {
+            max_connections: DEFAULT_CIRCUIT_BREAKER,
+            max_pending_requests: DEFAULT_CIRCUIT_BREAKER,
+            max_requests: DEFAULT_CIRCUIT_BREAKER,
+        }
+    }
+}
+
+fn d_breaker() -> usize {
+    DEFAULT_CIRCUIT_BREAKER
+}
+
+/// A byte size written as `1Mi`, `60Ki` or a plain number.
+fn quantity<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Q {
+        N(u64),
+        S(String),
+    }
+    match Q::deserialize(d)? {
+        Q::N(n) => Ok(n as usize),
+        Q::S(s) => parse_quantity(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// An optional duration (`250ms`, `5s`).
+mod optional_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| super::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+fn d_operator_handshake() -> Duration {
+    DEFAULT_OPERATOR_HANDSHAKE_TIMEOUT
 }
 
 fn default_admin() -> String {
@@ -350,10 +747,10 @@ fn default_buffer_limit() -> usize {
     8 << 20
 }
 fn default_drain() -> Duration {
-    Duration::from_secs(10)
+    DEFAULT_DRAIN_TIMEOUT
 }
 fn default_timeout() -> Duration {
-    Duration::from_secs(15)
+    DEFAULT_STREAM_TIMEOUT
 }
 fn default_memory() -> String {
     "64Mi".into()
@@ -446,6 +843,8 @@ impl Config {
             ));
         }
         check_addr(&self.admin).map_err(|m| err("admin".into(), m))?;
+        self.validate_limits(file)?;
+        self.validate_plugin_types(file)?;
         if self.routes.is_empty() {
             return Err(err("routes".into(), "at least one route is needed".into()));
         }
@@ -562,6 +961,9 @@ impl Config {
                     "must be between 1ms and 60s".into(),
                 ));
             }
+            f.limits
+                .quotas()
+                .map_err(|(name, message)| err(field(&name), message))?;
             f.log_level
                 .parse::<wasmfilter_host::LogLevel>()
                 .map_err(|m| err(field("logLevel"), m))?;
@@ -585,6 +987,15 @@ impl Config {
                         "{:?} must start with https:// (or http:// together with insecure: true), like https://wasmfilter-operator.wasmfilter-system.svc:7070",
                         op.address
                     ),
+                ));
+            }
+            check_operator_uri(&op.address).map_err(|m| err("operator.address".into(), m))?;
+            if op.handshake_timeout < Duration::from_millis(100)
+                || op.handshake_timeout > Duration::from_secs(300)
+            {
+                return Err(err(
+                    "operator.handshakeTimeout".into(),
+                    "must be between 100ms and 300s (default 10s)".into(),
                 ));
             }
             match (plain, op.insecure, &op.tls) {
@@ -626,15 +1037,243 @@ impl Config {
         Ok(())
     }
 
+    /// The limits and timeouts: each within a range that still lets a client be served.
+    fn validate_limits(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |field: &str, message: String| ConfigError {
+            file: file.to_string(),
+            field: field.to_string(),
+            message,
+        };
+        let t = &self.timeouts;
+        let between = |field: &str, d: Duration, lo: Duration, hi: Duration| {
+            if d < lo || d > hi {
+                Err(err(
+                    field,
+                    format!(
+                        "{d:?} is out of range: give a duration between {lo:?} and {hi:?}, like 10s"
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let ms = Duration::from_millis;
+        let hour = Duration::from_secs(3600);
+        between("timeouts.headerRead", t.header_read, ms(10), hour)?;
+        between("timeouts.idle", t.idle, ms(10), 24 * hour)?;
+        between(
+            "timeouts.keepAliveInterval",
+            t.keep_alive_interval,
+            ms(100),
+            hour,
+        )?;
+        between(
+            "timeouts.keepAliveTimeout",
+            t.keep_alive_timeout,
+            ms(100),
+            hour,
+        )?;
+        between("timeouts.upstreamIdle", t.upstream_idle, ms(10), 24 * hour)?;
+        between(
+            "timeouts.tlsHandshake",
+            t.tls_handshake,
+            ms(10),
+            Duration::from_secs(300),
+        )?;
+        between("drainTimeout", self.drain_timeout, Duration::ZERO, hour)?;
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return Err(err(
+                "limits.maxConnections",
+                "must be at least 1 (default 10000)".into(),
+            ));
+        }
+        if !(64 << 10..=1 << 30).contains(&l.per_connection_buffer_bytes) {
+            return Err(err(
+                "limits.perConnectionBufferBytes",
+                "must be between 64Ki and 1Gi (default 1Mi)".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&l.max_concurrent_streams) {
+            return Err(err(
+                "limits.maxConcurrentStreams",
+                "must be between 1 and 10000 (default 100)".into(),
+            ));
+        }
+        if !(8 << 10..=1 << 20).contains(&l.max_request_headers_bytes) {
+            return Err(err(
+                "limits.maxRequestHeadersBytes",
+                "must be between 8Ki and 1Mi (default 60Ki)".into(),
+            ));
+        }
+        for (i, c) in self.clusters.iter().enumerate() {
+            between(
+                &format!("clusters[{i}].timeout"),
+                c.timeout,
+                ms(1),
+                24 * hour,
+            )?;
+            let b = &c.circuit_breakers;
+            for (name, v) in [
+                ("maxConnections", b.max_connections),
+                ("maxPendingRequests", b.max_pending_requests),
+                ("maxRequests", b.max_requests),
+            ] {
+                if v == 0 {
+                    return Err(err(
+                        &format!("clusters[{i}].circuitBreakers.{name}"),
+                        "must be at least 1 (default 1024)".into(),
+                    ));
+                }
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Some(d) = r.timeout {
+                between(&format!("routes[{i}].timeout"), d, ms(1), 24 * hour)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// TCP listeners and the plugin types: every combination that cannot work is refused here.
+    fn validate_plugin_types(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |field: String, message: String| ConfigError {
+            file: file.to_string(),
+            field,
+            message,
+        };
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let field = |f: &str| format!("listeners[{i}].{f}");
+            if !l.name.is_empty() && !names.insert(l.name.as_str()) {
+                return Err(err(
+                    field("name"),
+                    format!("duplicate listener name {:?}", l.name),
+                ));
+            }
+            match (l.protocol, &l.cluster) {
+                (ListenerProtocol::TCP, None) => {
+                    return Err(err(
+                        field("cluster"),
+                        "a TCP listener proxies every connection to one cluster: name it in `cluster`".into(),
+                    ));
+                }
+                (ListenerProtocol::TCP, Some(c)) if !self.clusters.iter().any(|k| &k.name == c) => {
+                    return Err(err(
+                        field("cluster"),
+                        format!(
+                            "no cluster named {c:?}; defined clusters: {:?}",
+                            self.clusters.iter().map(|c| &c.name).collect::<Vec<_>>()
+                        ),
+                    ));
+                }
+                (ListenerProtocol::TCP, Some(c))
+                    if self
+                        .clusters
+                        .iter()
+                        .any(|k| &k.name == c && k.builtin.is_some()) =>
+                {
+                    return Err(err(
+                        field("cluster"),
+                        format!(
+                            "cluster {c:?} is a built-in HTTP upstream; a TCP listener needs a cluster with endpoints"
+                        ),
+                    ));
+                }
+                (ListenerProtocol::HTTP, Some(_)) => {
+                    return Err(err(
+                        field("cluster"),
+                        "only TCP listeners have a cluster; HTTP listeners route with `routes`"
+                            .into(),
+                    ));
+                }
+                _ => {}
+            }
+            if l.protocol == ListenerProtocol::TCP
+                && (l.connect_timeout.is_zero() || l.idle_timeout.is_zero())
+            {
+                return Err(err(
+                    field("connectTimeout"),
+                    "connectTimeout and idleTimeout must be more than zero".into(),
+                ));
+            }
+        }
+        for (i, f) in self.filters.iter().enumerate() {
+            let field = |x: &str| format!("filters[{i}].{x}");
+            let has_match = !(f.matches.hosts.is_empty()
+                && f.matches.path_prefixes.is_empty()
+                && f.matches.methods.is_empty());
+            match f.plugin_type {
+                PluginType::HTTP if !f.listeners.is_empty() => {
+                    return Err(err(
+                        field("listeners"),
+                        "listeners chooses TCP listeners for a Network filter; an HTTP filter runs on the HTTP listeners and is scoped with `match`".into(),
+                    ));
+                }
+                PluginType::Network | PluginType::Service if has_match => {
+                    return Err(err(
+                        field("match"),
+                        format!(
+                            "a {:?} plugin sees no HTTP requests, so an HTTP `match` can never apply; remove it{}",
+                            f.plugin_type,
+                            if f.plugin_type == PluginType::Network {
+                                " and choose TCP listeners with `listeners`"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ));
+                }
+                PluginType::Service if !f.listeners.is_empty() => {
+                    return Err(err(
+                        field("listeners"),
+                        "a Service plugin is bound to no listener; remove `listeners`".into(),
+                    ));
+                }
+                PluginType::Network | PluginType::Service if f.native.is_some() => {
+                    return Err(err(
+                        field("type"),
+                        "native filters are HTTP filters; a Network or Service plugin needs a module or image".into(),
+                    ));
+                }
+                _ => {}
+            }
+            for (j, name) in f.listeners.iter().enumerate() {
+                match self.listeners.iter().find(|l| &l.name == name) {
+                    Some(l) if l.protocol == ListenerProtocol::TCP => {}
+                    Some(_) => {
+                        return Err(err(
+                            format!("filters[{i}].listeners[{j}]"),
+                            format!(
+                                "listener {name:?} is an HTTP listener; network filters run on TCP listeners"
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(err(
+                            format!("filters[{i}].listeners[{j}]"),
+                            format!(
+                                "no listener named {name:?}; named listeners: {:?}",
+                                self.listeners
+                                    .iter()
+                                    .filter(|l| !l.name.is_empty())
+                                    .map(|l| &l.name)
+                                    .collect::<Vec<_>>()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every listener: `listen` (with `tls`) first, then `listeners`.
     pub fn all_listeners(&self) -> Vec<Listener> {
         let mut all: Vec<Listener> = self
             .listen
             .iter()
-            .map(|address| Listener {
-                address: address.clone(),
-                tls: self.tls.clone(),
-            })
+            .map(|address| Listener::http(address.clone(), self.tls.clone()))
             .collect();
         all.extend(self.listeners.iter().cloned());
         all
@@ -654,6 +1293,41 @@ fn check_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse().map_err(|_| {
         format!("{text:?} is not a socket address: expected ip:port, like 127.0.0.1:8080")
     })
+}
+
+/// An operator address is a URI with a host, an optional port and nothing else.
+fn check_operator_uri(text: &str) -> Result<(), String> {
+    let example = "like https://wasmfilter-operator.wasmfilter-system.svc:7070";
+    let uri: http::Uri = text.parse().map_err(|e| {
+        format!("{text:?} is not a valid URI ({e}): expected scheme://host:port, {example}")
+    })?;
+    let host = uri.host().unwrap_or("");
+    if host.is_empty() {
+        return Err(format!(
+            "{text:?} has no host: expected scheme://host:port, {example}"
+        ));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "{text:?} carries user information; give only scheme://host:port"
+        ));
+    }
+    if let Some(port) = uri.port_u16()
+        && port == 0
+    {
+        return Err(format!(
+            "{text:?}: port 0 cannot be connected to; {example}"
+        ));
+    }
+    if uri
+        .path_and_query()
+        .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
+        return Err(format!(
+            "{text:?} has a path or query, which the operator link does not use: give only scheme://host:port"
+        ));
+    }
+    Ok(())
 }
 
 fn check_endpoint(text: &str) -> Result<(), String> {

@@ -221,7 +221,15 @@ fn definition(f: &control::Filter) -> Result<FilterDef, String> {
             .min(wasmfilter_host::limits::MAX_MEMORY_LIMIT_BYTES as u64)
             as usize,
         callback_timeout: Duration::from_millis(f.callback_timeout_ms.into()),
+        // The control protocol carries no quotas yet: managed filters get the defaults.
+        quotas: wasmfilter_host::Quotas::default(),
         log_level: LogLevel::Info,
+        plugin_type: match f.plugin_type() {
+            control::PluginType::Http => crate::config::PluginType::HTTP,
+            control::PluginType::Network => crate::config::PluginType::Network,
+            control::PluginType::Service => crate::config::PluginType::Service,
+        },
+        listeners: f.listeners.clone(),
         managed: Some((f.revision.clone(), kept)),
     })
 }
@@ -304,7 +312,8 @@ async fn run(
             Ok(()) => tracing::info!("operator stream closed"),
             Err(e) => {
                 state.link.connected.store(false, Ordering::SeqCst);
-                tracing::warn!(operator = %link.address, error = %e, "operator unreachable; serving the current chain, retrying")
+                // `{:#}`: the whole cause chain (a transport error alone says nothing).
+                tracing::warn!(operator = %link.address, error = format!("{e:#}"), "operator unreachable; serving the current chain, retrying")
             }
         }
         state.link.connected.store(false, Ordering::SeqCst);
@@ -366,21 +375,45 @@ async fn session(
     state: &Arc<State>,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let channel = channel(link, config_file).await?;
-    let mut client =
-        FilterDiscoveryClient::new(channel).max_decoding_message_size(limits::MAX_SNAPSHOT_BYTES);
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(DataplaneMessage {
-        kind: Some(dataplane_message::Kind::Hello(Hello {
-            id: id.to_string(),
-            labels: link.labels.clone().into_iter().collect(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            module_digests: dir.digests(),
-            applied_version: state.link.applied_version.load(Ordering::SeqCst),
-        })),
-    })
-    .await?;
-    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    // Everything up to the stream's response head under one deadline: tonic's connect
+    // timeout covers the TCP connect only, so a peer that accepts and then says nothing
+    // (no TLS ServerHello, no HTTP/2 answer) would otherwise hang the link forever.
+    let handshake = async {
+        let channel = channel(link, config_file).await?;
+        let mut client = FilterDiscoveryClient::new(channel)
+            .max_decoding_message_size(limits::MAX_SNAPSHOT_BYTES);
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(DataplaneMessage {
+            kind: Some(dataplane_message::Kind::Hello(Hello {
+                id: id.to_string(),
+                labels: link.labels.clone().into_iter().collect(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                module_digests: dir.digests(),
+                applied_version: state.link.applied_version.load(Ordering::SeqCst),
+            })),
+        })
+        .await?;
+        let inbound = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| anyhow::anyhow!("opening the stream: {s}"))?
+            .into_inner();
+        anyhow::Ok((client, tx, inbound))
+    };
+    let stopped = async {
+        while !stop.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (mut client, tx, mut inbound) = tokio::select! {
+        r = tokio::time::timeout(link.handshake_timeout, handshake) => r.map_err(|_| {
+            anyhow::anyhow!(
+                "handshake timed out after {:?} (operator.handshakeTimeout): the peer accepted the connection but did not complete TLS, HTTP/2 or the stream's opening; is this the operator's gRPC port?",
+                link.handshake_timeout
+            )
+        })??,
+        _ = stopped => return Ok(()),
+    };
     tracing::info!(operator = %link.address, %id, "connected to the operator");
     let mut stats = tokio::time::interval(link.stats_interval);
     stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

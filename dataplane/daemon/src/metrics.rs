@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use wasmfilter_api::control;
-use wasmfilter_host::MetricType;
+use wasmfilter_host::{MetricType, QuotaState};
 
 use crate::chain::Active;
 
@@ -30,6 +30,50 @@ pub struct FilterLabels {
 pub struct UpstreamErrorLabels {
     pub cluster: String,
     pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    pub cluster: String,
+    pub breaker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpEndLabels {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Certificate reloads of the TLS listeners (`crate::tls`), counted by result.
+#[derive(Clone, Debug)]
+pub struct TlsReloads {
+    ok: Counter,
+    error: Counter,
+}
+
+impl TlsReloads {
+    pub fn count(&self, ok: bool) {
+        if ok {
+            self.ok.inc()
+        } else {
+            self.error.inc()
+        };
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -50,9 +94,22 @@ pub struct Metrics {
     vm_restarts: Family<FilterLabels, Counter>,
     vm_memory: Family<FilterLabels, Gauge>,
     snapshots_refused: Counter,
+    reloads: Family<ResultLabels, Counter>,
+    tls_reloads: Family<ResultLabels, Counter>,
+    abandoned: Family<PhaseLabels, Counter>,
+    circuit_open: Family<BreakerLabels, Counter>,
+    connections_overflow: Family<ListenerLabels, Counter>,
+    accept_errors: Family<ListenerLabels, Counter>,
+    connections: Family<ListenerLabels, Gauge>,
+    tcp_connections_closed: Family<TcpEndLabels, Counter>,
     /// Callback latency per filter again, readable for the stats reported to the operator
     /// (prometheus-client histograms cannot be read back).
     latency: parking_lot::Mutex<std::collections::HashMap<String, Arc<LatencyTotals>>>,
+    /// Requests whose handling panicked (answered 500; the worker kept serving).
+    request_panics: Counter,
+    /// Each filter's quota refusals, counted by the host (shared by every configuration
+    /// version of the filter, like its other series).
+    quotas: parking_lot::Mutex<std::collections::HashMap<String, Arc<QuotaState>>>,
 }
 
 /// Upper bounds (seconds) of the latency buckets reported to the operator.
@@ -82,7 +139,17 @@ impl Default for Metrics {
             vm_restarts: Family::default(),
             vm_memory: Family::default(),
             snapshots_refused: Counter::default(),
+            reloads: Family::default(),
+            tls_reloads: Family::default(),
+            abandoned: Family::default(),
+            circuit_open: Family::default(),
+            connections_overflow: Family::default(),
+            accept_errors: Family::default(),
+            connections: Family::default(),
+            tcp_connections_closed: Family::default(),
             latency: Default::default(),
+            request_panics: Counter::default(),
+            quotas: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -136,9 +203,54 @@ impl Default for Metrics {
             m.vm_memory.clone(),
         );
         registry.register(
+            "request_panics",
+            "Requests whose handling panicked: answered 500 and logged, the worker kept serving",
+            m.request_panics.clone(),
+        );
+        registry.register(
             "managed_snapshots_refused",
             "Snapshots from the operator refused whole: not complete, and they would have removed every filter running",
             m.snapshots_refused.clone(),
+        );
+        registry.register(
+            "upstream_circuit_open",
+            "Requests refused with 503 because a cluster's circuit breaker was full, by cluster and breaker",
+            m.circuit_open.clone(),
+        );
+        registry.register(
+            "downstream_connections_overflow",
+            "Client connections closed at once because the listener had limits.maxConnections open",
+            m.connections_overflow.clone(),
+        );
+        registry.register(
+            "downstream_accept_errors",
+            "Failed accepts (such as EMFILE: out of file descriptors), by listener",
+            m.accept_errors.clone(),
+        );
+        registry.register(
+            "downstream_connections",
+            "Open client connections, by listener",
+            m.connections.clone(),
+        );
+        registry.register(
+            "tcp_connections_closed",
+            "Connections of the TCP listeners that ended, by listener and reason: closed (both sides ended), filter_closed, filter_failed, idle_timeout, upstream_unreachable, io_error",
+            m.tcp_connections_closed.clone(),
+        );
+        registry.register(
+            "requests_abandoned",
+            "Requests that ended before their response did (client gone, stream reset, upstream failure mid-response, drain), by phase",
+            m.abandoned.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Configuration reloads (SIGHUP or file change), by result: applied, invalid (the file or a filter did not load), restart_required (a field only a restart applies changed)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "tls_certificate_reloads",
+            "TLS listener certificates loaded again after their files changed, by result: ok, error (the previous certificate keeps serving)",
+            m.tls_reloads.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -162,6 +274,8 @@ pub struct FilterMetrics {
     vm_restarts: Counter,
     vm_memory: Gauge,
     latency: Arc<LatencyTotals>,
+    /// The filter's quota refusal counters and log gates, handed to each of its VMs.
+    pub quota: Arc<QuotaState>,
 }
 
 impl FilterMetrics {
@@ -234,9 +348,75 @@ impl Metrics {
             })
             .inc();
     }
+    /// A cluster's circuit breaker (`max_connections`, `max_pending_requests`,
+    /// `max_requests`) refused a request.
+    pub fn circuit_open(&self, cluster: &str, breaker: &str) {
+        self.circuit_open
+            .get_or_create(&BreakerLabels {
+                cluster: cluster.into(),
+                breaker: breaker.into(),
+            })
+            .inc();
+    }
+    fn listener(listener: &str) -> ListenerLabels {
+        ListenerLabels {
+            listener: listener.into(),
+        }
+    }
+    pub fn connection_overflow(&self, listener: &str) {
+        self.connections_overflow
+            .get_or_create(&Self::listener(listener))
+            .inc();
+    }
+    pub fn accept_error(&self, listener: &str) {
+        self.accept_errors
+            .get_or_create(&Self::listener(listener))
+            .inc();
+    }
+    /// A client connection opened (+1) or closed (-1).
+    pub fn connection(&self, listener: &str, delta: i64) {
+        self.connections
+            .get_or_create(&Self::listener(listener))
+            .inc_by(delta);
+    }
+    /// A reload ended with `result`: `applied`, `invalid` or `restart_required`.
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+    /// The counters the TLS listeners' certificate stores update.
+    pub fn tls_reloads(&self) -> TlsReloads {
+        TlsReloads {
+            ok: self
+                .tls_reloads
+                .get_or_create(&ResultLabels { result: "ok" })
+                .clone(),
+            error: self
+                .tls_reloads
+                .get_or_create(&ResultLabels { result: "error" })
+                .clone(),
+        }
+    }
+    /// The request path panicked; the request was answered 500 (see `crate::proxy::handle`).
+    pub fn request_panic(&self) {
+        self.request_panics.inc();
+    }
     /// Managed mode refused a snapshot whole (see `crate::managed`).
     pub fn snapshot_refused(&self) {
         self.snapshots_refused.inc();
+    }
+    /// A request ended unanswered in `phase` (`request`, `response`, `response_body`); its
+    /// filters' stream contexts were ended all the same.
+    /// A TCP listener's connection ended (`crate::tcp`), for `reason`.
+    pub fn tcp_connection_closed(&self, listener: &str, reason: &'static str) {
+        self.tcp_connections_closed
+            .get_or_create(&TcpEndLabels {
+                listener: listener.to_string(),
+                reason,
+            })
+            .inc();
+    }
+    pub fn request_abandoned(&self, phase: &'static str) {
+        self.abandoned.get_or_create(&PhaseLabels { phase }).inc();
     }
     /// The series of filter `name` (shared by every configuration version of it).
     pub fn for_filter(&self, name: &str) -> FilterMetrics {
@@ -249,6 +429,12 @@ impl Metrics {
             fail_closed: self.fail_closed.get_or_create(&l).clone(),
             vm_restarts: self.vm_restarts.get_or_create(&l).clone(),
             vm_memory: self.vm_memory.get_or_create(&l).clone(),
+            quota: self
+                .quotas
+                .lock()
+                .entry(name.to_string())
+                .or_default()
+                .clone(),
             latency: self
                 .latency
                 .lock()
@@ -266,6 +452,26 @@ impl Metrics {
         if out.ends_with("# EOF\n") {
             out.truncate(out.len() - "# EOF\n".len());
         }
+        // The host's quota refusals per filter and limit (docs/limits.md).
+        let quotas = self.quotas.lock();
+        let mut typed = false;
+        for f in &active.filters {
+            let Some(q) = quotas.get(&f.name) else {
+                continue;
+            };
+            if !typed {
+                typed = true;
+                out.push_str("# HELP wasmfilter_filter_quota_refusals Requests of a filter refused (or records dropped) by one of its limits, by filter and limit (the limits field that sets it; headerSyntax: a header HTTP cannot carry)\n# TYPE wasmfilter_filter_quota_refusals counter\n");
+            }
+            for (limit, n) in q.refusals() {
+                let _ = writeln!(
+                    out,
+                    "wasmfilter_filter_quota_refusals_total{{filter=\"{}\",limit=\"{limit}\"}} {n}",
+                    escape(&f.name)
+                );
+            }
+        }
+        drop(quotas);
         for f in &active.filters {
             for m in f.spec.metrics.snapshot() {
                 let name = format!("wasmfilter_plugin_{}", sanitize(&m.name));

@@ -201,6 +201,25 @@ impl StreamType {
     }
 }
 
+/// Who closed one side of a network connection (`proxy_on_*_connection_close`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerType {
+    Unknown = 0,
+    /// This proxy closed it (a filter, a timeout, the other side's close relayed).
+    Local = 1,
+    /// The peer on that side closed it.
+    Remote = 2,
+}
+
+/// One side of a proxied network connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectionSide {
+    /// Between the client and this proxy.
+    Downstream,
+    /// Between this proxy and the upstream.
+    Upstream,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MetricType {
     Counter = 0,

@@ -1,4 +1,4 @@
-//! The data of one HTTP stream as filters see it, and what filters ask the embedder to do.
+//! The data of one HTTP stream (or network connection) as filters see it, and what filters ask the embedder to do.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,6 +25,11 @@ pub struct HttpExchange {
     pub response_headers: Fields,
     pub response_body: Vec<u8>,
     pub response_trailers: Fields,
+    /// Network filters: the bytes read from the client that the current
+    /// `proxy_on_downstream_data` is about (cumulative while the filter pauses).
+    pub downstream_data: Vec<u8>,
+    /// Network filters: the bytes read from the upstream, as `downstream_data`.
+    pub upstream_data: Vec<u8>,
     pub info: StreamInfo,
     /// Values set with `proxy_set_property`, keyed by the `\0`-joined path; visible to every
     /// filter on the stream (Envoy's filter state).

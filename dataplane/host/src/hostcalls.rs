@@ -155,6 +155,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
             let target = match kind {
                 BufferType::HttpRequestBody => &mut ex.request_body,
                 BufferType::HttpResponseBody => &mut ex.response_body,
+                BufferType::DownstreamData => &mut ex.downstream_data,
+                BufferType::UpstreamData => &mut ex.upstream_data,
                 _ => return Err(Status::BadArgument.into()),
             };
             // start=0,size=0 prepends; start>=len appends; otherwise [start, start+size) is replaced.
@@ -1031,8 +1033,15 @@ fn with_buffer<R>(s: &VmState, kind: BufferType, f: impl FnOnce(&[u8]) -> R) -> 
             (Some(a), Phase::ForeignFunction) => Ok(f(a)),
             _ => Err(Status::NotFound.into()),
         },
-        // This host proxies HTTP only; there is no TCP data.
-        BufferType::DownstreamData | BufferType::UpstreamData => Err(Status::NotFound.into()),
+        BufferType::DownstreamData | BufferType::UpstreamData => {
+            let stream = s.active_stream().ok_or(Status::NotFound)?;
+            let ex = stream.exchange.lock();
+            Ok(f(if kind == BufferType::DownstreamData {
+                &ex.downstream_data
+            } else {
+                &ex.upstream_data
+            }))
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 //!  └─ PluginModule (one per module digest: compiled once, InstancePre)
 //!      └─ Vm (one per (filter, worker thread): Store, limits, deadline per callback)
 //!          ├─ root context per plugin (start_plugin: on_vm_start, on_configure)
-//!          └─ stream context per HTTP stream (create_stream … finish_stream)
+//!          └─ stream context per HTTP stream or network connection (create_stream … finish_stream)
 //! ```
 
 mod abi;
@@ -29,7 +29,10 @@ mod state;
 mod vm;
 mod wasi;
 
-pub use abi::{AbiVersion, Action, BufferType, LogLevel, MapType, MetricType, Status, StreamType};
+pub use abi::{
+    AbiVersion, Action, BufferType, ConnectionSide, LogLevel, MapType, MetricType, PeerType,
+    Status, StreamType,
+};
 pub use exchange::{
     Effect, GrpcCallout, HttpCallResponse, HttpCallout, HttpExchange, LocalResponse, SharedExchange,
 };

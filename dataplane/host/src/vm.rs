@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use wasmtime::{Module, Store, StoreLimitsBuilder, Trap, TypedFunc, WasmBacktrace};
 
-use crate::abi::{AbiVersion, Action, LogLevel};
+use crate::abi::{AbiVersion, Action, ConnectionSide, LogLevel, PeerType};
 use crate::exchange::{Effect, HttpCallResponse, SharedExchange};
 use crate::host::{Host, LoadError, PluginModule};
 use crate::limits::{
@@ -161,6 +161,11 @@ struct Exports {
     grpc_receive: Option<F3>,
     grpc_close: Option<F3>,
     foreign_function: Option<F3>,
+    new_connection: Option<F1R>,
+    downstream_data: Option<F3R>,
+    upstream_data: Option<F3R>,
+    downstream_close: Option<F2>,
+    upstream_close: Option<F2>,
     done: Option<F1R>,
     log: Option<F1>,
     delete: Option<F1>,
@@ -206,6 +211,14 @@ const SIGNATURES: &[(&str, &[&str])] = &[
     ("proxy_on_grpc_receive", &["(i32, i32, i32) -> ()"]),
     ("proxy_on_grpc_close", &["(i32, i32, i32) -> ()"]),
     ("proxy_on_foreign_function", &["(i32, i32, i32) -> ()"]),
+    ("proxy_on_new_connection", &["(i32) -> i32"]),
+    ("proxy_on_downstream_data", &["(i32, i32, i32) -> i32"]),
+    ("proxy_on_upstream_data", &["(i32, i32, i32) -> i32"]),
+    (
+        "proxy_on_downstream_connection_close",
+        &["(i32, i32) -> ()"],
+    ),
+    ("proxy_on_upstream_connection_close", &["(i32, i32) -> ()"]),
     ("proxy_on_done", &["(i32) -> i32"]),
     ("proxy_on_log", &["(i32) -> ()"]),
     ("proxy_on_delete", &["(i32) -> ()"]),
@@ -380,6 +393,11 @@ impl Host {
             grpc_receive: typed!("proxy_on_grpc_receive"),
             grpc_close: typed!("proxy_on_grpc_close"),
             foreign_function: typed!("proxy_on_foreign_function"),
+            new_connection: typed!("proxy_on_new_connection"),
+            downstream_data: typed!("proxy_on_downstream_data"),
+            upstream_data: typed!("proxy_on_upstream_data"),
+            downstream_close: typed!("proxy_on_downstream_connection_close"),
+            upstream_close: typed!("proxy_on_upstream_connection_close"),
             done: typed!("proxy_on_done"),
             log: typed!("proxy_on_log"),
             delete: typed!("proxy_on_delete"),
@@ -857,6 +875,82 @@ impl Vm {
         let e = self.exports.clone();
         let f = e.response_trailers.as_ref();
         self.call_stream2("proxy_on_response_trailers", f, ctx, n)
+    }
+
+    /// `proxy_on_new_connection`: a network filter's context (made with
+    /// [`Vm::create_stream`]) sees a new downstream connection. `Pause` holds the connection's
+    /// data until the filter resumes it ([`Effect::ContinueStream`]) or closes it
+    /// ([`Effect::CloseStream`]).
+    pub fn on_new_connection(&mut self, ctx: u32) -> Result<Action, CallbackError> {
+        self.stream_exchange(ctx)?;
+        self.check_live()?;
+        let e = self.exports.clone();
+        let Some(f) = e.new_connection.as_ref() else {
+            return Ok(Action::Continue);
+        };
+        let t = self.callback_timeout;
+        let r = self.invoke(
+            "proxy_on_new_connection",
+            Some(ctx),
+            Phase::Stream,
+            t,
+            |s| f.call(s, ctx as i32),
+        )?;
+        Ok(Action::from_i32(r))
+    }
+
+    /// `proxy_on_downstream_data`: `exchange.downstream_data` holds the bytes read from the
+    /// client (cumulative while this filter pauses); the filter may rewrite them with
+    /// `proxy_set_buffer_bytes(DOWNSTREAM_DATA)`. `Pause` buffers and calls again with more.
+    pub fn on_downstream_data(
+        &mut self,
+        ctx: u32,
+        end_of_stream: bool,
+    ) -> Result<Action, CallbackError> {
+        let n = self.stream_exchange(ctx)?.lock().downstream_data.len();
+        let e = self.exports.clone();
+        let f = e.downstream_data.as_ref();
+        self.call_stream3("proxy_on_downstream_data", f, ctx, n, end_of_stream)
+    }
+
+    /// `proxy_on_upstream_data`: as [`Vm::on_downstream_data`], for bytes from the upstream.
+    pub fn on_upstream_data(
+        &mut self,
+        ctx: u32,
+        end_of_stream: bool,
+    ) -> Result<Action, CallbackError> {
+        let n = self.stream_exchange(ctx)?.lock().upstream_data.len();
+        let e = self.exports.clone();
+        let f = e.upstream_data.as_ref();
+        self.call_stream3("proxy_on_upstream_data", f, ctx, n, end_of_stream)
+    }
+
+    /// `proxy_on_downstream_connection_close` / `proxy_on_upstream_connection_close`: one side
+    /// of the connection closed; `peer` says who closed it.
+    pub fn on_connection_close(
+        &mut self,
+        ctx: u32,
+        side: ConnectionSide,
+        peer: PeerType,
+    ) -> Result<(), CallbackError> {
+        self.stream_exchange(ctx)?;
+        self.check_live()?;
+        let e = self.exports.clone();
+        let (name, f) = match side {
+            ConnectionSide::Downstream => (
+                "proxy_on_downstream_connection_close",
+                e.downstream_close.as_ref(),
+            ),
+            ConnectionSide::Upstream => (
+                "proxy_on_upstream_connection_close",
+                e.upstream_close.as_ref(),
+            ),
+        };
+        let Some(f) = f else { return Ok(()) };
+        let t = self.callback_timeout;
+        self.invoke(name, Some(ctx), Phase::Stream, t, |s| {
+            f.call(s, (ctx as i32, peer as i32))
+        })
     }
 
     /// Ends a stream: `proxy_on_done`, `proxy_on_log` (maps still readable), then

@@ -13,7 +13,7 @@
 //! Errors become responses in one place, [`ProxyError::into_response`]. No VM borrow is held
 //! across an await: callbacks run synchronously between awaits, on the worker's thread.
 
-mod dispatch;
+pub(crate) mod dispatch;
 mod pipeline;
 mod request;
 mod response;
@@ -28,11 +28,12 @@ use hyper::body::Incoming;
 use parking_lot::Mutex;
 use wasmfilter_host::{LocalResponse, SharedExchange};
 
+use crate::body::Guarded;
 pub use crate::body::{Body, full};
 use crate::chain::Active;
 pub use crate::error::ProxyError;
-use crate::state::State;
-use dispatch::{Running, finish_all};
+use crate::state::{ConnActivity, InFlight, State};
+use dispatch::{Chain, Running, stream_timeout};
 use request::{Checked, check_head, new_exchange, request_path};
 use response::{local_reply, respond};
 
@@ -40,28 +41,58 @@ use response::{local_reply, respond};
 /// one sized write instead of a chunked stream fed by a task.
 pub(crate) const INLINE_BODY_LIMIT: u64 = 64 * 1024;
 
+/// One request from a client. It counts as in flight ([`InFlight`]) until its response body
+/// has ended or been dropped, so a drain waits for bodies still streaming and a request the
+/// client abandoned stops counting at once.
 pub async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
+    conn: Option<Arc<ConnActivity>>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    state
-        .in_flight
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let guard = InFlight::new(&state, conn);
     let active = state.active.load_full();
-    let response = match proxy(&state, &active, req, peer, local, tls).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    // Nothing a client or a filter sends should panic the request path; if something does
+    // anyway, the panic stays this request's: it is answered 500, counted and logged, and
+    // the worker keeps serving. AssertUnwindSafe: the request's own state (exchange, stream
+    // contexts) is dropped with the future; what it shares with other requests is behind
+    // locks that do not poison (parking_lot) or atomics.
+    let proxied = std::panic::AssertUnwindSafe(proxy(&state, &active, req, peer, local, tls));
+    let response = match futures_util::FutureExt::catch_unwind(proxied).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => e.into_response(),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            state.metrics.request_panic();
+            tracing::error!(
+                peer = %peer,
+                "the request path panicked ({why}); answered 500, the worker keeps serving"
+            );
+            let mut resp =
+                Response::new(full("internal error: the request could not be processed\n"));
+            *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            resp
+        }
     };
     state
         .metrics
         .request(response.status().as_u16(), started.elapsed().as_secs_f64());
-    state
-        .in_flight
-        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    let mut response = response.map(|body| Guarded::wrap(body, guard));
+    if state.shutdown.is_cancelled() {
+        // Draining: this is the connection's last response (HTTP/2 drops the header; its
+        // connection gets a GOAWAY instead).
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     Ok(response)
 }
 
@@ -82,12 +113,14 @@ pub(crate) async fn proxy(
     let exchange: SharedExchange = Arc::new(Mutex::new(new_exchange(
         active, &parts, &head, peer, local, tls,
     )));
-    let mut running: Vec<Running> = active
+    let timeout = stream_timeout(active, &exchange);
+    let running: Vec<Running> = active
         .filters
         .iter()
         .filter(|f| {
-            f.matches
-                .matches(&head.authority, &head.path, parts.method.as_str())
+            f.is_http()
+                && f.matches
+                    .matches(&head.authority, &head.path, parts.method.as_str())
         })
         .map(|f| Running {
             filter: f.clone(),
@@ -96,8 +129,12 @@ pub(crate) async fn proxy(
             skipped: false,
             native: false,
             pending: Vec::new(),
+            stream_timeout: timeout,
         })
         .collect();
+    // Owns the stream contexts from here: if this future is dropped (the client went away),
+    // dropping the chain ends them.
+    let mut running = Chain::new(state, running);
     let result = request_path(state, active, &exchange, &mut running, body).await;
     match result {
         Ok(Upstream::Response(resp)) => respond(state, active, exchange, running, resp).await,
@@ -105,7 +142,7 @@ pub(crate) async fn proxy(
             Ok(local_reply(state, active, exchange, running, reply).await)
         }
         Err(e) => {
-            finish_all(&running);
+            running.finish();
             Err(e)
         }
     }
