@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     FailurePolicy, FilterLimits, LabelRequirement, LabelSelector, ModuleLocation, Phase,
-    RequestMatch, parse_duration, parse_quantity,
+    PluginType, RequestMatch, parse_duration, parse_quantity,
 };
 
 /// The largest `config` (or `vm.config`) the operator delivers, serialized: a string as-is,
@@ -137,6 +137,14 @@ pub const MAX_REPORTED_FAILURES: usize = 10;
     .message("module is required: set module.image to an OCI reference such as registry.example/filters/auth:v1, or module.url (an http(s) URL) together with module.sha256")
     .field_path(".module")
     .reason(Reason::FieldValueRequired))]
+#[x_kube(validation = Rule::new("!has(self.type) || self.type == 'HTTP' || !has(self.match) || ((!has(self.match.hosts) || size(self.match.hosts) == 0) && (!has(self.match.pathPrefixes) || size(self.match.pathPrefixes) == 0) && (!has(self.match.methods) || size(self.match.methods) == 0))")
+    .message("match applies to HTTP filters only: a Network or Service plugin sees no HTTP requests, so remove match (a Network filter chooses TCP listeners with listeners)")
+    .field_path(".match")
+    .reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("!has(self.listeners) || size(self.listeners) == 0 || (has(self.type) && self.type == 'Network')")
+    .message("listeners chooses the dataplanes' TCP listeners of a Network filter: set type: Network, or remove listeners")
+    .field_path(".listeners")
+    .reason(Reason::FieldValueForbidden))]
 pub struct WasmFilterSpec {
     /// Where the .wasm module comes from: exactly one of `image` (an OCI artifact) or `url`
     /// (an http(s) download pinned by `sha256`).
@@ -207,6 +215,20 @@ pub struct WasmFilterSpec {
     /// Resource limits of each VM instance of this filter.
     #[serde(default)]
     pub limits: LimitsSpec,
+
+    /// Which traffic the filter sees. HTTP (the default): each HTTP request on the
+    /// dataplanes' HTTP listeners that `match` accepts. Network (Istio's NETWORK): each TCP
+    /// connection on the dataplanes' TCP listeners named in `listeners`. Service: no traffic;
+    /// a root context started once per dataplane process, for ticks, callouts, shared data and
+    /// queues shared with the filters of the same `vm.id`.
+    #[serde(default, rename = "type")]
+    pub plugin_type: FilterType,
+
+    /// Network filters: the names of the dataplanes' TCP listeners they run on; omitted or
+    /// empty: every TCP listener. At most 16 names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub listeners: Vec<String>,
 }
 
 /// Where the .wasm module comes from.
@@ -423,6 +445,15 @@ pub enum FilterFailurePolicy {
     #[default]
     FailClosed,
     FailOpen,
+}
+
+/// Which traffic a filter sees.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FilterType {
+    #[default]
+    HTTP,
+    Network,
+    Service,
 }
 
 /// Resource limits of each VM instance of a filter.
@@ -703,6 +734,16 @@ impl From<FilterPhase> for Phase {
             FilterPhase::Authz => Phase::Authz,
             FilterPhase::Stats => Phase::Stats,
             FilterPhase::Default => Phase::Default,
+        }
+    }
+}
+
+impl From<FilterType> for PluginType {
+    fn from(t: FilterType) -> PluginType {
+        match t {
+            FilterType::HTTP => PluginType::HTTP,
+            FilterType::Network => PluginType::Network,
+            FilterType::Service => PluginType::Service,
         }
     }
 }
