@@ -373,7 +373,7 @@ fn the_request_head_is_cleaned_or_refused() {
         addr,
         "POST /api/x HTTP/1.1\r\nhost: a.example.com\r\ntransfer-encoding: gzip\r\nconnection: close\r\n\r\n",
     );
-    assert!((400..=501).contains(&status), "{head}");
+    assert_eq!(status, 400, "{head}");
 
     // OPTIONS * is about the proxy itself: answered here, never forwarded as a broken URL.
     let (status, head) = raw(
