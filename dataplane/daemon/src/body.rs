@@ -57,11 +57,6 @@ impl BodySender {
     }
 
     pub async fn abort(&self, why: String) {
-    /// Resolves when the receiver is gone (the peer went away).
-    pub async fn closed(&self) {
-        self.tx.closed().await
-    }
-
         let _ = self.tx.send(Err(why.into())).await;
     }
 }

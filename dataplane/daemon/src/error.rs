@@ -29,8 +29,7 @@ pub enum ProxyError {
         filter: String,
         message: String,
     },
-    /// A filter paused the stream and nothing resumed it within the route's stream timeout.
-    StreamTimeout {
+    FilterStalled {
         filter: String,
     },
     Reset {
@@ -94,11 +93,9 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("filter {filter} failed"),
             ),
-            ProxyError::StreamTimeout { filter, timeout } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "filter {filter} paused the stream and nothing resumed it within {timeout:?}"
-                ),
+            ProxyError::FilterStalled { filter } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("filter {filter} paused the request and nothing can resume it"),
             ),
             ProxyError::InvalidPath { reason } => (
                 StatusCode::BAD_REQUEST,
