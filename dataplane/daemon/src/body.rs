@@ -57,6 +57,11 @@ impl BodySender {
     }
 
     pub async fn abort(&self, why: String) {
+    /// Resolves when the receiver is gone (the peer went away).
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+
         let _ = self.tx.send(Err(why.into())).await;
     }
 }

@@ -29,7 +29,8 @@ pub enum ProxyError {
         filter: String,
         message: String,
     },
-    FilterStalled {
+    /// A filter paused the stream and nothing resumed it within the route's stream timeout.
+    StreamTimeout {
         filter: String,
     },
     Reset {
@@ -93,9 +94,11 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("filter {filter} failed"),
             ),
-            ProxyError::FilterStalled { filter } => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("filter {filter} paused the request and nothing can resume it"),
+            ProxyError::StreamTimeout { filter, timeout } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "filter {filter} paused the stream and nothing resumed it within {timeout:?}"
+                ),
             ),
             ProxyError::InvalidPath { reason } => (
                 StatusCode::BAD_REQUEST,
