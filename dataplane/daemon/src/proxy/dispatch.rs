@@ -1,8 +1,19 @@
 //! Filter dispatch: a filter's stream context on this request, one callback and the callouts
 //! it leads to, failure policies, and the end of every context.
+//!
+//! Contracts, as in Envoy:
+//! - A callback that pauses with nothing outstanding waits until `proxy_continue_stream`,
+//!   `proxy_send_local_response` or `proxy_close_stream` reaches its context, from any other
+//!   context of the same VM (a tick, a queue callback, another stream's callout answer, a
+//!   foreign function) through `proxy_set_effective_context`, for at most the route's stream
+//!   timeout ([`stream_timeout`]); then the client gets a 504 naming the filter. Effects meant
+//!   for another stream are handed to that stream's waiter ([`route_stream_effects`]).
+//! - Every stream context created gets `proxy_on_done`, `proxy_on_log` and `proxy_on_delete`
+//!   exactly once, in that order: [`Chain`] ends them when the request is answered, and when
+//!   it is dropped unanswered (client gone, HTTP/2 reset, drain), counting it as abandoned.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmfilter_api::FailurePolicy;
 use wasmfilter_host::{
@@ -11,6 +22,7 @@ use wasmfilter_host::{
 
 use crate::chain::{Active, LoadedFilter, VmHandle, WORKER_VMS};
 use crate::error::ProxyError;
+use crate::resume::{WaiterGuard, route_stream_effects};
 use crate::state::State;
 
 /// A filter on this request: its VM context, whether it is still active, and the body data it
@@ -25,6 +37,81 @@ pub(crate) struct Running {
     /// body or trailer phases).
     pub(crate) native: bool,
     pub(crate) pending: Vec<u8>,
+    /// How long a paused callback of this stream may wait to be resumed.
+    pub(crate) stream_timeout: Duration,
+}
+
+/// The stream timeout of the route the request matched when it arrived: the route's
+/// `timeout`, else its cluster's (Envoy's route timeout, 15 s by default).
+pub(crate) fn stream_timeout(active: &Active, exchange: &SharedExchange) -> Duration {
+    let ex = exchange.lock();
+    let route = ex
+        .info
+        .route_name
+        .as_deref()
+        .and_then(|name| active.routes.iter().find(|r| r.config.name == name));
+    route
+        .and_then(|r| {
+            r.config.timeout.or_else(|| {
+                active
+                    .clusters
+                    .get(&r.config.cluster)
+                    .map(|c| c.config.timeout)
+            })
+        })
+        .unwrap_or(crate::config::DEFAULT_STREAM_TIMEOUT)
+}
+
+/// The filters of one request, whose stream contexts end exactly once: when the request is
+/// answered ([`Chain::finish`]), or when the chain is dropped unanswered (the client went
+/// away, reset its HTTP/2 stream, the upstream failed mid-response, or the worker stopped).
+/// Ending contexts is synchronous and runs on the worker's thread, so the drop can borrow the
+/// VMs (no borrow is ever held across an await).
+pub(crate) struct Chain {
+    pub(crate) running: Vec<Running>,
+    state: Arc<State>,
+    /// Where the request is, named in the abandoned-requests metric if it ends unanswered.
+    pub(crate) phase: &'static str,
+    answered: bool,
+}
+
+impl Chain {
+    pub(crate) fn new(state: &Arc<State>, running: Vec<Running>) -> Chain {
+        Chain {
+            running,
+            state: state.clone(),
+            phase: "request",
+            answered: false,
+        }
+    }
+
+    /// The request is over: every context ends now.
+    pub(crate) fn finish(&mut self) {
+        self.answered = true;
+        finish_all(&mut self.running);
+    }
+}
+
+impl std::ops::Deref for Chain {
+    type Target = Vec<Running>;
+    fn deref(&self) -> &Vec<Running> {
+        &self.running
+    }
+}
+
+impl std::ops::DerefMut for Chain {
+    fn deref_mut(&mut self) -> &mut Vec<Running> {
+        &mut self.running
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.state.metrics.request_abandoned(self.phase);
+        }
+        finish_all(&mut self.running);
+    }
 }
 
 /// How a callback ended.
@@ -53,11 +140,21 @@ pub(crate) fn start_stream(
             let effects = h.borrow_mut().0.take_effects();
             crate::timers::handle_root_effects(state, active, &r.filter, &h, effects);
         }
-        let ctx = {
+        let created = {
             let mut guard = h.borrow_mut();
             let (vm, root) = &mut *guard;
             vm.create_stream(*root, exchange.clone())
-                .map_err(|e| e.to_string())?
+        };
+        let ctx = match created {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                // A trap in `proxy_on_context_create` fails the VM like any other.
+                if trapped(&e) {
+                    r.filter.metrics.trap();
+                }
+                WORKER_VMS.with(|vms| vms.borrow_mut().fail(&r.filter, &h, &e));
+                return Err(e.to_string());
+            }
         };
         r.vm = Some(h);
         Ok(ctx)
@@ -122,14 +219,33 @@ pub(crate) async fn callback(
         Err(e) => return callback_failed(r, e).map(|_| Flow::Continue),
     };
     r.filter.metrics.vm_memory(memory);
+    let Some(vm) = r.vm.clone() else {
+        return Ok(Flow::Continue);
+    };
+    // Registered only now: effects of the callback itself are in `effects` already.
+    let waiter = WaiterGuard::new(&vm, r.ctx);
     let mut resumed = action == Action::Continue;
     let mut pending = tokio::task::JoinSet::new();
+    let ctx = r.ctx;
     loop {
-        for effect in std::mem::take(&mut effects) {
+        // Effects naming another stream of this VM go to that stream's waiter.
+        let (mine, others): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut effects)
+                .into_iter()
+                .partition(|e| match e {
+                    Effect::LocalResponse { context_id, .. }
+                    | Effect::CloseStream { context_id, .. }
+                    | Effect::ContinueStream { context_id, .. } => *context_id == ctx,
+                    _ => true,
+                });
+        if !others.is_empty() {
+            route_stream_effects(&vm, others);
+        }
+        for effect in mine {
             match effect {
                 Effect::LocalResponse { response, .. } => return Ok(Flow::Local(response)),
                 Effect::CloseStream { .. } => return Ok(Flow::Reset),
-                Effect::ContinueStream { context_id, .. } if context_id == r.ctx => resumed = true,
+                Effect::ContinueStream { .. } => resumed = true,
                 Effect::TickPeriod {
                     root_context_id,
                     period,
@@ -189,10 +305,27 @@ pub(crate) async fn callback(
         if pending.is_empty() && buffering {
             return Ok(Flow::Buffer);
         }
-        let Some(Ok(answer)) = pending.join_next().await else {
-            return Err(ProxyError::FilterStalled {
-                filter: r.filter.name.clone(),
-            });
+        // Paused: wait for a callout answer, or for another context to resume this stream.
+        let woken = tokio::time::timeout(r.stream_timeout, async {
+            tokio::select! {
+                Some(joined) = pending.join_next(), if !pending.is_empty() => Some(joined),
+                _ = waiter.woken() => None,
+            }
+        })
+        .await;
+        let answer = match woken {
+            Err(_) => {
+                return Err(ProxyError::StreamTimeout {
+                    filter: r.filter.name.clone(),
+                    timeout: r.stream_timeout,
+                });
+            }
+            Ok(None) => {
+                effects = waiter.take();
+                continue;
+            }
+            Ok(Some(Ok(answer))) => answer,
+            Ok(Some(Err(_))) => continue,
         };
         match with_vm(r, |vm, _| {
             deliver(vm, answer)?;
@@ -228,6 +361,15 @@ pub(crate) fn deliver(vm: &mut Vm, answer: Answer) -> Result<(), CallbackError> 
     }
 }
 
+/// Whether the error is the VM's own failure now (a trap or a timeout), not the echo of an
+/// earlier one.
+pub(crate) fn trapped(e: &CallbackError) -> bool {
+    matches!(
+        e,
+        CallbackError::Trap { .. } | CallbackError::Timeout { .. }
+    )
+}
+
 pub(crate) fn callback_failed(r: &mut Running, e: CallbackError) -> Result<(), ProxyError> {
     r.filter.metrics.trap();
     if let Some(handle) = &r.vm {
@@ -236,22 +378,30 @@ pub(crate) fn callback_failed(r: &mut Running, e: CallbackError) -> Result<(), P
     on_failure(r, e.to_string())
 }
 
-/// Ends every filter's stream context, whatever happened to the request.
-pub(crate) fn finish_all(running: &[Running]) {
-    for r in running.iter().filter(|r| r.ctx != 0) {
+/// Ends every filter's stream context that is still open, whatever happened to the request;
+/// each context ends once (its id is cleared).
+pub(crate) fn finish_all(running: &mut [Running]) {
+    for r in running.iter_mut().filter(|r| r.ctx != 0) {
+        let ctx = std::mem::take(&mut r.ctx);
         let Some(handle) = &r.vm else { continue };
         let result = {
             let mut guard = handle.borrow_mut();
-            let result = guard.0.finish_stream(r.ctx);
-            let _ = guard.0.take_effects();
+            let result = guard.0.finish_stream(ctx);
+            let effects = guard.0.take_effects();
+            drop(guard);
+            // What the ending stream asked of other streams still reaches them.
+            route_stream_effects(handle, effects);
             result
         };
-        WORKER_VMS.with(|vms| {
+        let _ = WORKER_VMS.try_with(|vms| {
             let mut vms = vms.borrow_mut();
             match &result {
                 Ok(()) => vms.succeeded(&r.filter),
                 Err(e) => {
                     tracing::warn!(filter = %r.filter.name, %e, "finishing the stream failed");
+                    if trapped(e) {
+                        r.filter.metrics.trap();
+                    }
                     vms.fail(&r.filter, handle, e);
                 }
             }

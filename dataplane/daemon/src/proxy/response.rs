@@ -24,10 +24,11 @@ pub(crate) async fn respond(
     state: &Arc<State>,
     active: &Arc<Active>,
     exchange: SharedExchange,
-    mut running: Vec<Running>,
+    mut running: Chain,
     upstream: Response<Body>,
 ) -> Result<Response<Body>, ProxyError> {
     let (parts, body) = upstream.into_parts();
+    running.phase = "response";
     {
         let mut ex = exchange.lock();
         ex.response_headers = Fields::new();
@@ -39,7 +40,7 @@ pub(crate) async fn respond(
         .iter()
         .all(|r| (r.skipped || r.ctx == 0) && !r.native)
     {
-        finish_all(&running);
+        running.finish();
         let mut resp = Response::new(body);
         *resp.status_mut() = parts.status;
         *resp.headers_mut() = to_header_map(&exchange.lock().response_headers);
@@ -58,18 +59,18 @@ pub(crate) async fn respond(
         .await;
         match flow {
             Ok(Flow::Local(reply)) => {
-                finish_all(&running);
-                return Ok(local_to_response(&reply));
+                running.finish();
+                return Ok(local_to_response(&reply, &exchange));
             }
             Ok(Flow::Reset) => {
-                finish_all(&running);
+                running.finish();
                 return Err(ProxyError::Reset {
                     filter: running[i].filter.name.clone(),
                 });
             }
             Ok(_) => {}
             Err(e) => {
-                finish_all(&running);
+                running.finish();
                 return Err(e);
             }
         }
@@ -77,7 +78,7 @@ pub(crate) async fn respond(
     if running.iter().all(|r| r.skipped || r.ctx == 0) {
         // Only native filters (header phases only) ran: the body streams through untouched,
         // with its length, instead of going through the body pipeline.
-        finish_all(&running);
+        running.finish();
         let mut head = response_head(&exchange);
         if let Some(length) = parts.headers.get(http::header::CONTENT_LENGTH) {
             head.headers_mut()
@@ -87,7 +88,7 @@ pub(crate) async fn respond(
     }
     let head = response_head(&exchange);
     if !has_body {
-        finish_all(&running);
+        running.finish();
         return Ok(head.map(|_| full(Bytes::new())));
     }
     if body
@@ -103,17 +104,24 @@ pub(crate) async fn respond(
                     active,
                     exchange: &exchange,
                 };
-                through_whole(&p, &mut running, &order, Direction::Response, collected).await
+                through_whole(
+                    &p,
+                    &mut running.running,
+                    &order,
+                    Direction::Response,
+                    collected,
+                )
+                .await
             }
             Err(e) => Err(ProxyError::UpstreamProtocol {
                 cluster: "upstream".into(),
                 message: e.to_string(),
             }),
         };
-        finish_all(&running);
+        running.finish();
         return match result? {
             (out, None) => Ok(head.map(|_| sized(out))),
-            (_, Some(Flow::Local(reply))) => Ok(local_to_response(&reply)),
+            (_, Some(Flow::Local(reply))) => Ok(local_to_response(&reply, &exchange)),
             (_, Some(_)) => Err(ProxyError::Reset {
                 filter: "response body".into(),
             }),
@@ -121,14 +129,19 @@ pub(crate) async fn respond(
     }
     let (tx, rx) = body::channel();
     let (state, active) = (state.clone(), active.clone());
+    running.phase = "response_body";
+    // The pump owns the chain: when the body ends the contexts end; if the client goes away,
+    // the upstream fails, or the worker stops (the task is dropped), the chain's drop ends
+    // them and counts the request as abandoned.
     tokio::task::spawn_local(async move {
         let p = Pipeline {
             state: &state,
             active: &active,
             exchange: &exchange,
         };
-        pump_response(&p, &mut running, body, tx).await;
-        finish_all(&running);
+        if pump_response(&p, &mut running, body, tx).await {
+            running.finish();
+        }
     });
     Ok(head.map(|_| rx.boxed_unsync()))
 }
@@ -152,21 +165,28 @@ pub(crate) fn response_head(exchange: &SharedExchange) -> Response<()> {
     resp
 }
 
+/// Streams the response body through the filters to the client; `true` when it was
+/// delivered whole (or a filter ended it), `false` when the client or the upstream went away.
 pub(crate) async fn pump_response(
     p: &Pipeline<'_>,
     running: &mut [Running],
     mut body: Body,
     tx: body::BodySender,
-) {
+) -> bool {
     let exchange = p.exchange;
     let order: Vec<usize> = (0..running.len()).rev().collect();
     let mut total = 0u64;
     loop {
-        let (data, trailers, eos) = match next_frame(&mut body).await {
+        // A client that goes away while the upstream is silent is noticed at once.
+        let frame = tokio::select! {
+            frame = next_frame(&mut body) => frame,
+            _ = tx.closed() => return false,
+        };
+        let (data, trailers, eos) = match frame {
             Ok(frame) => frame,
             Err(e) => {
                 tx.abort(format!("upstream body failed: {e}")).await;
-                return;
+                return false;
             }
         };
         total += data.len() as u64;
@@ -180,22 +200,58 @@ pub(crate) async fn pump_response(
             // The head is already on its way: a failure now can only reset the stream.
             Ok((_, Some(_))) | Err(_) => {
                 tx.abort("a filter ended the response".into()).await;
-                return;
+                return true;
             }
         };
         if !tx.data(out.data).await {
-            return;
+            return false;
         }
-        if let Some(t) = out.trailers {
-            tx.trailers(t).await;
+        if let Some(t) = out.trailers
+            && !tx.trailers(t).await
+        {
+            return false;
         }
         if eos {
-            return;
+            return true;
         }
     }
 }
 
-pub(crate) fn local_to_response(local: &LocalResponse) -> Response<Body> {
+/// A local reply as the client gets it, as Envoy sends it. To a gRPC request (content-type
+/// `application/grpc*`): a trailers-only response, `:status 200`, `content-type:
+/// application/grpc`, `grpc-status` (the filter's gRPC status, else mapped from the HTTP
+/// status as Envoy does) and `grpc-message` (the body, else the details, percent-encoded),
+/// with the filter's headers and no body. To any other request: the HTTP status, headers and
+/// body as given (a gRPC status is ignored).
+pub(crate) fn local_to_response(
+    local: &LocalResponse,
+    exchange: &SharedExchange,
+) -> Response<Body> {
+    if is_grpc_request(exchange) {
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.headers_mut() = to_header_map(&local.headers);
+        let headers = resp.headers_mut();
+        headers.remove(http::header::CONTENT_LENGTH);
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let code = local
+            .grpc_status
+            .unwrap_or_else(|| http_to_grpc_status(local.status));
+        headers.insert("grpc-status", HeaderValue::from(code));
+        let message = if local.body.is_empty() {
+            local.details.as_bytes()
+        } else {
+            &local.body
+        };
+        if !message.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(message))
+        {
+            headers.insert("grpc-message", v);
+        }
+        return resp;
+    }
     let mut resp = Response::new(full(local.body.clone()));
     *resp.status_mut() =
         StatusCode::from_u16(local.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -206,15 +262,44 @@ pub(crate) fn local_to_response(local: &LocalResponse) -> Response<Body> {
             HeaderValue::from_static("text/plain"),
         );
     }
-    if let Some(code) = local.grpc_status {
-        resp.headers_mut()
-            .insert("grpc-status", HeaderValue::from(code));
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-    }
     resp
+}
+
+/// Whether the client speaks gRPC (Envoy's `Grpc::Common::isGrpcRequestHeaders`).
+fn is_grpc_request(exchange: &SharedExchange) -> bool {
+    exchange
+        .lock()
+        .request_headers
+        .get_str("content-type")
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`, for a local reply to a gRPC request that gave
+/// no gRPC status.
+fn http_to_grpc_status(status: u16) -> u32 {
+    match status {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        200 => 0,
+        _ => 2, // UNKNOWN
+    }
+}
+
+/// The gRPC spec's percent-encoding of `grpc-message`: bytes outside printable ASCII, and
+/// `%` itself, become `%XX`.
+fn grpc_percent_encode(message: &[u8]) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &b in message {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A filter replied locally: the filters that already saw the request see the reply's
@@ -223,17 +308,19 @@ pub(crate) async fn local_reply(
     state: &Arc<State>,
     active: &Arc<Active>,
     exchange: SharedExchange,
-    mut running: Vec<Running>,
+    mut running: Chain,
     local: LocalResponse,
 ) -> Response<Body> {
-    let mut resp = local_to_response(&local);
+    let mut resp = local_to_response(&local, &exchange);
+    let empty = resp.body().is_end_stream();
     {
         let mut ex = exchange.lock();
         ex.response_headers = Fields::new();
         ex.response_headers.add(":status", resp.status().as_str());
         to_fields(resp.headers(), &mut ex.response_headers);
+        let length = if empty { 0 } else { local.body.len() };
         ex.response_headers
-            .add("content-length", local.body.len().to_string());
+            .add("content-length", length.to_string());
         ex.info.response_code = Some(local.status);
         ex.info.response_code_details = Some(local.details.clone());
     }
@@ -244,11 +331,11 @@ pub(crate) async fn local_reply(
         }
         // A second local reply from the response side is ignored: the first one stands.
         let _ = callback(state, active, r, false, |vm, ctx| {
-            vm.on_response_headers(ctx, local.body.is_empty())
+            vm.on_response_headers(ctx, empty)
         })
         .await;
     }
-    finish_all(&running);
+    running.finish();
     let ex = exchange.lock();
     let mut headers = to_header_map(&ex.response_headers);
     headers.remove(http::header::CONTENT_LENGTH);
