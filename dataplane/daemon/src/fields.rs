@@ -29,19 +29,29 @@ pub(crate) fn to_fields(headers: &HeaderMap, fields: &mut Fields) {
     }
 }
 
+/// Most fields one HTTP header map may hold here. `http::HeaderMap` panics past 32,768
+/// entries (in `with_capacity` and `append`); the host's per-map quotas keep what filters
+/// write far below this, and whatever is past it is dropped, never a panic.
+pub(crate) const MAX_HEADER_MAP_FIELDS: usize = 16_384;
+
 /// The forwardable fields as an HTTP header map: pseudo-headers and hop-by-hop headers are
-/// dropped, as are names or values HTTP cannot carry.
+/// dropped, as are names or values HTTP cannot carry and fields past
+/// [`MAX_HEADER_MAP_FIELDS`]. Never panics, whatever the fields hold.
 pub(crate) fn to_header_map(fields: &Fields) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(fields.len());
+    let mut map = HeaderMap::with_capacity(fields.len().min(MAX_HEADER_MAP_FIELDS));
     for (k, v) in fields.iter() {
+        if map.len() >= MAX_HEADER_MAP_FIELDS {
+            break;
+        }
         if k.starts_with(':') || HOP_BY_HOP.contains(&k) {
             continue;
         }
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_bytes(v),
-        ) {
-            map.append(name, value);
+        ) && map.try_append(name, value).is_err()
+        {
+            break;
         }
     }
     map
@@ -67,4 +77,39 @@ pub(crate) fn add_via(headers: &mut HeaderMap) {
         http::header::VIA,
         HeaderValue::from_static("1.1 wasmfilter"),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hundred_thousand_fields_make_a_bounded_map_without_panicking() {
+        let mut fields = Fields::new();
+        for i in 0..100_000 {
+            fields.add(&format!("x-h{i}"), "v");
+        }
+        fields.add("x-bad", "a\r\nb");
+        fields.add("bad name", "v");
+        let map = to_header_map(&fields);
+        assert_eq!(map.len(), MAX_HEADER_MAP_FIELDS);
+        let mut same = Fields::new();
+        for _ in 0..100_000 {
+            same.add("x-same", "v");
+        }
+        assert_eq!(to_header_map(&same).len(), MAX_HEADER_MAP_FIELDS);
+    }
+
+    #[test]
+    fn fields_http_cannot_carry_are_dropped() {
+        let fields = Fields::from_pairs([
+            (":path", "/"),
+            ("connection", "close"),
+            ("x-bad", "a\nb"),
+            ("x-ok", "1"),
+        ]);
+        let map = to_header_map(&fields);
+        assert_eq!(map.len(), 1);
+        assert_eq!(map["x-ok"], "1");
+    }
 }
