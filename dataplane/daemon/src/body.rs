@@ -56,12 +56,12 @@ impl BodySender {
         self.tx.send(Ok(Frame::trailers(trailers))).await.is_ok()
     }
 
-    pub async fn abort(&self, why: String) {
     /// Resolves when the receiver is gone (the peer went away).
     pub async fn closed(&self) {
         self.tx.closed().await
     }
 
+    pub async fn abort(&self, why: String) {
         let _ = self.tx.send(Err(why.into())).await;
     }
 }
