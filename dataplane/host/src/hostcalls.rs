@@ -162,6 +162,20 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> wasmtime::Result<()
             // start=0,size=0 prepends; start>=len appends; otherwise [start, start+size) is replaced.
             let start = (start as u32 as usize).min(target.len());
             let end = start.saturating_add(size as u32 as usize).min(target.len());
+            // A filter may rewrite a body of any size, but not grow one past
+            // MAX_BODY_BYTES_GROWN: repeated appends would otherwise grow the host without bound.
+            let after = target.len() - (end - start) + data.len();
+            if after > target.len() && after > crate::limits::MAX_BODY_BYTES_GROWN {
+                drop(ex);
+                c.data().emit_log(
+                    LogLevel::Warn,
+                    format!(
+                        "proxy_set_buffer_bytes refused with BAD_ARGUMENT: the buffer would hold {after} bytes, over the {} a filter may grow it to",
+                        crate::limits::MAX_BODY_BYTES_GROWN
+                    ),
+                );
+                return bad();
+            }
             target.splice(start..end, data);
             Ok(())
         }

@@ -10,6 +10,10 @@ pub const MAX_PAIRS_COUNT: usize = 1024;
 /// Largest single buffer a guest may hand to one hostcall (bodies, shared data, queue items,
 /// callout bodies, local reply bodies).
 pub const MAX_GUEST_BUFFER_BYTES: usize = 16 << 20;
+/// Largest a filter may grow a body (or connection data) buffer to with
+/// `proxy_set_buffer_bytes`: 64 MiB. Rewriting a larger body the upstream sent is allowed;
+/// growing one past this by repeated appends is `BAD_ARGUMENT`.
+pub const MAX_BODY_BYTES_GROWN: usize = 64 << 20;
 /// Largest `random_get` request (cpp-host: 64 KiB; more gets WASI INVAL).
 pub const MAX_RANDOM_GET_BYTES: usize = 64 * 1024;
 /// Log messages longer than this are cut (with a marker) before they reach the log sink.

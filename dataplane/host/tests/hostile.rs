@@ -2291,3 +2291,42 @@ fn the_quotas_of_one_filter_do_not_touch_another() {
     // 50 requests within the 10 s interval: still one line.
     assert_one_line(&noisy.logs, "limits.headerCount (16)");
 }
+
+#[test]
+fn a_filter_cannot_grow_a_body_past_64_mib_by_appending() {
+    let neighbour = healthy_neighbour();
+    let module = Wat {
+        imports: r#"
+  (import "env" "proxy_set_buffer_bytes" (func $set_buffer (param i32 i32 i32 i32 i32) (result i32)))"#
+            .into(),
+        memory: r#"(memory (export "memory") 260)"#.into(),
+        body: r#"
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (local $i i32) (local $ok i32) (local $st i32)
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $i) (i32.const 6)))
+      ;; append 16 MiB (start past the end appends)
+      (local.set $st (call $set_buffer (i32.const 0) (i32.const -1) (i32.const 0) (i32.const 0x10000) (i32.const 0x1000000)))
+      (if (i32.eqz (local.get $st)) (then (local.set $ok (i32.add (local.get $ok) (i32.const 1)))))
+      (call $rec (local.get $st))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))
+    (call $report)
+    (i32.const 0))"#
+            .into(),
+        ..Wat::default()
+    }
+    .load();
+    let mut g = start_guest(&module, |o| o.callback_timeout = Duration::from_secs(20));
+    let (ex, result) = g.request(GET_ROOT);
+    assert_eq!(result.unwrap(), Action::Continue);
+    // Four 16 MiB appends fit in 64 MiB; the fifth and sixth: BAD_ARGUMENT.
+    assert_eq!(statuses(&ex), vec![0, 0, 0, 0, 2, 2]);
+    assert_eq!(ex.lock().request_body.len(), 64 << 20);
+    assert!(g.logs.contains(
+        LogLevel::Warn,
+        "proxy_set_buffer_bytes refused with BAD_ARGUMENT"
+    ));
+    drop(ex);
+    assert_neighbours_unharmed(neighbour);
+}
