@@ -668,6 +668,86 @@ fn wasmfilter_flow_from_kubectl_apply_to_requests() {
     wait_for_team(step, &dataplanes[0], Some("c"));
     done(step, t);
 
+    // ---- 6b. the other plugin shapes: a Network and a Service WasmFilter ---------------------
+    let t = Instant::now();
+    let step = "6b network and service plugins";
+    for (name, filter, kind, config) in [
+        ("guard", "tcp_guard", "Network", "{deny: QUIT!}"),
+        ("fetcher", "token_service", "Service", "{tick_ms: 60000}"),
+    ] {
+        let module = wasmfilter_testkit::rust_filter(filter).unwrap();
+        let reference = registry.reference(&format!("filters/{}:v1", filter.replace('_', "-")));
+        let pushed = Command::new(&bins.operator)
+            .arg("push")
+            .arg(&module)
+            .arg(&reference)
+            .arg("--insecure")
+            .output()
+            .unwrap();
+        assert!(
+            pushed.status.success(),
+            "{step}: push {filter}: {}",
+            String::from_utf8_lossy(&pushed.stderr)
+        );
+        cluster
+            .apply_yaml(&format!(
+                "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {TEAM_A}}}\n\
+                 spec:\n  type: {kind}\n  module: {{image: \"{reference}\"}}\n  config: {config}\n  selector: {{matchLabels: {{zone: a}}}}\n"
+            ))
+            .ok();
+        wait_for_status(step, cluster, TEAM_A, name, |wf| {
+            expect_condition(wf, "Ready", "True", "RolledOut")
+        });
+    }
+    // dp-1 (zone a) runs both with their types; dp-2 runs neither; HTTP traffic is unchanged.
+    eventually(
+        &format!("{step}: dp-1 runs guard and fetcher"),
+        SOON,
+        || {
+            let dump = dataplanes[0].config_dump()?;
+            let kinds: Vec<(String, String)> = dump["filters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| {
+                    (
+                        f["name"].as_str().unwrap_or("").to_string(),
+                        f["type"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            let want = [
+                (format!("{TEAM_A}/guard"), "Network".to_string()),
+                (format!("{TEAM_A}/fetcher"), "Service".to_string()),
+            ];
+            want.iter()
+                .all(|w| kinds.contains(w))
+                .then_some(())
+                .ok_or_else(|| format!("{kinds:?}"))
+        },
+    );
+    let dump = dataplanes[1].config_dump().unwrap();
+    assert!(
+        !dump["filters"].to_string().contains("guard"),
+        "{step}: dp-2 is not selected: {dump:#}"
+    );
+    wait_for_team(step, &dataplanes[0], Some("c"));
+    cluster
+        .kubectl(&["delete", "wasmfilters", "guard", "fetcher", "-n", TEAM_A])
+        .ok();
+    eventually(
+        &format!("{step}: dp-1 drops guard and fetcher"),
+        SOON,
+        || {
+            let dump = dataplanes[0].config_dump()?;
+            let text = dump["filters"].to_string();
+            (!text.contains("guard") && !text.contains("fetcher"))
+                .then_some(())
+                .ok_or(text)
+        },
+    );
+    done(step, t);
+
     // ---- 7. delete: nothing left ------------------------------------------------------------
     let t = Instant::now();
     let step = "7 delete";

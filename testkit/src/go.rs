@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, bail};
 
 /// Every filter in `filters/go` (a `main` package directory, also the `.wasm` file name).
-pub const GO_FILTERS: &[&str] = &["headers", "body", "httpcall"];
+pub const GO_FILTERS: &[&str] = &["headers", "body", "httpcall", "tcpcount"];
 
 /// The oldest Go that can build these filters (`//go:wasmexport`, wasip1 reactors).
 const MIN_GO: (u32, u32) = (1, 24);

@@ -71,6 +71,8 @@ fn config_dump(state: &State) -> String {
                     crate::chain::FilterKind::Wasm(_) => None,
                 },
                 "version": f.version,
+                "type": format!("{:?}", f.plugin_type),
+                "listeners": f.listeners,
                 "rootId": f.spec.root_id,
                 "vmId": f.vm_id,
                 "failurePolicy": format!("{:?}", f.failure_policy),

@@ -392,3 +392,64 @@ clusters:
         assert!(!err.message.is_empty());
     }
 }
+
+#[test]
+fn a_go_sdk_network_filter_rewrites_and_closes_connections() {
+    let dir = temp_dir("go");
+    let upstream = echo_server();
+    let module = wasmfilter_testkit::go_filter("tcpcount").expect("Go filter builds");
+    let config = format!(
+        "listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+workers: 1
+listeners:
+  - name: raw
+    address: 127.0.0.1:0
+    protocol: TCP
+    cluster: backend
+routes:
+  - name: all
+    cluster: echo
+clusters:
+  - name: echo
+    builtin: echo
+  - name: backend
+    endpoints: [\"{upstream}\"]
+filters:
+  - name: go
+    type: NETWORK
+    module: {}
+",
+        module.display()
+    );
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    let dp = Dataplane::start(&path).expect("dataplane starts");
+    let tcp = dp.proxy_addrs[1];
+
+    let mut c = TcpStream::connect(tcp).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"hello from go").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut echoed = String::new();
+    c.read_to_string(&mut echoed).unwrap();
+    assert_eq!(
+        echoed,
+        "HELLO FROM GO",
+        "{}",
+        get(dp.admin_addr, "/metrics").1
+    );
+
+    let mut c = TcpStream::connect(tcp).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"QUIT!").unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+
+    let sample = |name: &str| format!("wasmfilter_plugin_go_tcp_{name}_total{{filter=\"go\"}}");
+    assert_eq!(wait_metric(dp.admin_addr, &sample("downstream_bytes"), 18.0), 18.0);
+    assert_eq!(wait_metric(dp.admin_addr, &sample("upstream_bytes"), 13.0), 13.0);
+    assert_eq!(wait_metric(dp.admin_addr, &sample("connections_done"), 2.0), 2.0);
+    dp.shutdown();
+}
