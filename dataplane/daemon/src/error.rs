@@ -32,6 +32,7 @@ pub enum ProxyError {
     /// A filter paused the stream and nothing resumed it within the route's stream timeout.
     StreamTimeout {
         filter: String,
+        timeout: std::time::Duration,
     },
     Reset {
         filter: String,
