@@ -1,6 +1,7 @@
 //! Bodies as the proxy hands them to hyper: boxed, and fed from a channel when the filter
 //! chain's output is produced piece by piece.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -95,5 +96,108 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Unsized<B> {
 
     fn is_end_stream(&self) -> bool {
         self.0.is_end_stream()
+    }
+}
+
+/// A body that keeps `G` alive until it has ended or is dropped: what holds a request's
+/// in-flight count (and a circuit breaker's slot) for as long as its response streams.
+pub struct Guarded<G> {
+    inner: Body,
+    guard: Option<G>,
+}
+
+impl<G: Send + Unpin + 'static> Guarded<G> {
+    pub fn wrap(inner: Body, guard: G) -> Body {
+        Guarded {
+            inner,
+            guard: Some(guard),
+        }
+        .boxed_unsync()
+    }
+}
+
+impl<G: Unpin> hyper::body::Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An upstream body that fails when nothing arrives for `idle` between two frames
+/// (`timeouts.upstreamIdle`): a stalled upstream ends the client's response instead of
+/// holding it forever.
+pub struct IdleTimeout {
+    inner: Body,
+    idle: std::time::Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Set while a frame has been asked for and not yet come: the timer runs only then, so a
+    /// slow client (which polls late) does not count against the upstream.
+    waiting: bool,
+}
+
+impl IdleTimeout {
+    pub fn wrap(inner: Body, idle: std::time::Duration) -> Body {
+        IdleTimeout {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            waiting: false,
+        }
+        .boxed_unsync()
+    }
+}
+
+impl hyper::body::Body for IdleTimeout {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.waiting {
+            self.waiting = true;
+            let next = tokio::time::Instant::now() + self.idle;
+            self.timer.as_mut().reset(next);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                self.waiting = false;
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the upstream sent nothing for {:?} (timeouts.upstreamIdle)",
+                    self.idle
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }

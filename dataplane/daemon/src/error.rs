@@ -18,6 +18,11 @@ pub enum ProxyError {
         cluster: String,
         message: String,
     },
+    /// One of the cluster's circuit breakers is at its limit (503 at once).
+    CircuitOpen {
+        cluster: String,
+        breaker: &'static str,
+    },
     UpstreamTimeout {
         cluster: String,
     },
@@ -82,6 +87,10 @@ impl ProxyError {
             ProxyError::UpstreamConnect { cluster, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("upstream {cluster} is unreachable"),
+            ),
+            ProxyError::CircuitOpen { cluster, breaker } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream {cluster} is over its {breaker} circuit breaker"),
             ),
             ProxyError::UpstreamTimeout { cluster } => (
                 StatusCode::GATEWAY_TIMEOUT,

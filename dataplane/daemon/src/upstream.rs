@@ -1,40 +1,295 @@
 //! Upstream calls: forwarding a request to a cluster, and filter callouts to clusters.
 //! Connections are pooled per protocol; the first endpoint of a cluster that answers is used.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use wasmfilter_host::{Fields, HttpCallResponse, HttpCallout};
 
 use crate::body::BoxError;
-use crate::body::{Body, full};
+use crate::body::{Body, Guarded, IdleTimeout, full};
 use crate::chain::Active;
+use crate::config::CircuitBreakers;
 use crate::error::ProxyError;
 use crate::state::State;
 
+/// Connection pools, one per cluster (so each cluster's connections can be counted against
+/// its `circuitBreakers.maxConnections`), made on a cluster's first request.
+#[derive(Default)]
 pub struct Clients {
-    http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
+    pools: parking_lot::Mutex<HashMap<String, Arc<Pool>>>,
 }
 
-impl Default for Clients {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        Clients {
+/// One cluster's pools (HTTP/1.1 and h2c) and circuit breakers.
+pub struct Pool {
+    http1: Client<Counting, Body>,
+    http2: Client<Counting, Body>,
+    pub breakers: Arc<Breakers>,
+}
+
+impl Clients {
+    /// The cluster's pool, its breaker limits set from the active configuration.
+    pub fn pool(&self, cluster: &str, limits: &CircuitBreakers) -> Arc<Pool> {
+        let pool = self
+            .pools
+            .lock()
+            .entry(cluster.to_string())
+            .or_insert_with(|| Arc::new(Pool::new()))
+            .clone();
+        pool.breakers.set_limits(limits);
+        pool
+    }
+}
+
+impl Pool {
+    fn new() -> Pool {
+        let breakers = Arc::new(Breakers::default());
+        let mut inner = HttpConnector::new();
+        inner.set_nodelay(true);
+        let connector = Counting {
+            inner,
+            breakers: breakers.clone(),
+        };
+        Pool {
             http1: Client::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(256)
                 .build(connector.clone()),
             http2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .build(connector),
+            breakers,
         }
     }
+
+    fn client(&self, http2: bool) -> &Client<Counting, Body> {
+        if http2 { &self.http2 } else { &self.http1 }
+    }
+}
+
+/// A cluster's three circuit breakers (Envoy's): counters and their limits. A request past
+/// a limit is refused at once with 503 instead of queueing behind a struggling upstream.
+#[derive(Default)]
+pub struct Breakers {
+    max: [AtomicUsize; 3],
+    open: [AtomicUsize; 3],
+}
+
+/// Which breaker: the index into [`Breakers`] and the metric's `breaker` label.
+#[derive(Clone, Copy, Debug)]
+pub enum Breaker {
+    Connections = 0,
+    PendingRequests = 1,
+    Requests = 2,
+}
+
+impl Breaker {
+    pub fn label(self) -> &'static str {
+        match self {
+            Breaker::Connections => "max_connections",
+            Breaker::PendingRequests => "max_pending_requests",
+            Breaker::Requests => "max_requests",
+        }
+    }
+}
+
+impl Breakers {
+    fn set_limits(&self, l: &CircuitBreakers) {
+        self.max[0].store(l.max_connections, Ordering::Relaxed);
+        self.max[1].store(l.max_pending_requests, Ordering::Relaxed);
+        self.max[2].store(l.max_requests, Ordering::Relaxed);
+    }
+
+    /// Takes one slot of `which`, or `None` when it is full.
+    pub fn take(self: &Arc<Self>, which: Breaker) -> Option<Slot> {
+        let i = which as usize;
+        let max = self.max[i].load(Ordering::Relaxed);
+        self.open[i]
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Slot {
+            breakers: self.clone(),
+            which,
+        })
+    }
+
+    /// How many of `which` are taken now.
+    pub fn open(&self, which: Breaker) -> usize {
+        self.open[which as usize].load(Ordering::SeqCst)
+    }
+}
+
+/// One taken slot of a breaker, given back on drop.
+pub struct Slot {
+    breakers: Arc<Breakers>,
+    which: Breaker,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.breakers.open[self.which as usize].fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The connector's refusal when the cluster has `maxConnections` open.
+#[derive(Debug)]
+struct ConnectionsFull;
+
+impl std::fmt::Display for ConnectionsFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the cluster has circuitBreakers.maxConnections connections open")
+    }
+}
+
+impl std::error::Error for ConnectionsFull {}
+
+/// An HTTP connector that counts its open connections against the cluster's breaker.
+#[derive(Clone)]
+struct Counting {
+    inner: HttpConnector,
+    breakers: Arc<Breakers>,
+}
+
+impl tower_service::Service<Uri> for Counting {
+    type Response = Counted;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Counted, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        tower_service::Service::<Uri>::poll_ready(&mut self.inner, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let Some(slot) = self.breakers.take(Breaker::Connections) else {
+            return Box::pin(async { Err(Box::new(ConnectionsFull) as BoxError) });
+        };
+        let connecting = tower_service::Service::<Uri>::call(&mut self.inner, uri);
+        Box::pin(async move {
+            let io = connecting.await?;
+            Ok(Counted { io, _slot: slot })
+        })
+    }
+}
+
+/// An upstream connection holding its breaker slot until it closes.
+struct Counted {
+    io: TokioIo<tokio::net::TcpStream>,
+    _slot: Slot,
+}
+
+impl Connection for Counted {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+fn connections_full(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<ConnectionsFull>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A request body that says when it has been sent whole: the request timeout starts then
+/// (as Envoy's route timeout does), so a long upload is not cut by it.
+struct SignalEnd {
+    inner: Body,
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl hyper::body::Body for SignalEnd {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if (matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream())
+            && let Some(tx) = self.sent.take()
+        {
+            let _ = tx.send(());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wraps `body` so the returned receiver resolves when it has been sent whole (or dropped).
+fn signal_end(body: Body) -> (Body, tokio::sync::oneshot::Receiver<()>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let sent = if body.is_end_stream() {
+        let _ = tx.send(());
+        None
+    } else {
+        Some(tx)
+    };
+    (SignalEnd { inner: body, sent }.boxed_unsync(), rx)
 }
 
 /// The request as it leaves for the upstream (after the filters ran on its headers).
@@ -44,6 +299,8 @@ pub struct Outgoing<'a> {
     pub authority: &'a str,
     pub path: &'a str,
     pub headers: &'a Fields,
+    /// The route's `timeout`, overriding the cluster's.
+    pub timeout: Option<Duration>,
 }
 
 /// Sends the request to its cluster and returns the response (its body streams). Endpoints
@@ -63,6 +320,25 @@ pub async fn send(
         cluster: cluster.into(),
         message,
     };
+    let open = |breaker: Breaker| {
+        state.metrics.circuit_open(cluster, breaker.label());
+        ProxyError::CircuitOpen {
+            cluster: cluster.into(),
+            breaker: breaker.label(),
+        }
+    };
+    let pool = state.clients.pool(cluster, &entry.config.circuit_breakers);
+    // Held until the response body ends (or is dropped).
+    let request_slot = pool
+        .breakers
+        .take(Breaker::Requests)
+        .ok_or_else(|| open(Breaker::Requests))?;
+    // Held until the response head arrives.
+    let pending_slot = pool
+        .breakers
+        .take(Breaker::PendingRequests)
+        .ok_or_else(|| open(Breaker::PendingRequests))?;
+    let timeout = out.timeout.unwrap_or(entry.config.timeout);
     let mut body = body;
     let mut last_error = String::new();
     for endpoint in &entry.config.endpoints {
@@ -80,30 +356,40 @@ pub async fn send(
             HeaderValue::from_static("1.1 wasmfilter"),
         );
         let streamed = body.is_some();
-        let req_body = body.take().unwrap_or_else(|| full(Bytes::new()));
+        let (req_body, sent) = signal_end(body.take().unwrap_or_else(|| full(Bytes::new())));
         let req = req.body(req_body).map_err(|e| protocol(e.to_string()))?;
-        let client = if entry.config.http2 {
-            &state.clients.http2
-        } else {
-            &state.clients.http1
+        let answer = pool.client(entry.config.http2).request(req);
+        // The request timeout runs from the moment the request has been sent whole.
+        let expired = async {
+            let _ = sent.await;
+            tokio::time::sleep(timeout).await;
         };
-        match tokio::time::timeout(entry.config.timeout, client.request(req)).await {
-            Err(_) => {
+        let answered = tokio::select! {
+            answered = answer => answered,
+            _ = expired => {
                 state.metrics.upstream_error(cluster, "timeout");
                 return Err(ProxyError::UpstreamTimeout {
                     cluster: cluster.into(),
                 });
             }
-            Ok(Ok(resp)) => {
-                return Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()));
+        };
+        match answered {
+            Ok(resp) => {
+                drop(pending_slot);
+                let idle = state.timeouts.upstream_idle;
+                return Ok(resp.map(|b| {
+                    let body = b.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+                    Guarded::wrap(IdleTimeout::wrap(body, idle), request_slot)
+                }));
             }
-            Ok(Err(e)) if e.is_connect() => {
+            Err(e) if connections_full(&e) => return Err(open(Breaker::Connections)),
+            Err(e) if e.is_connect() => {
                 last_error = format!("{endpoint}: {e}");
                 if streamed {
                     break;
                 }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 state.metrics.upstream_error(cluster, "protocol");
                 return Err(protocol(e.to_string()));
             }
@@ -201,11 +487,10 @@ pub async fn callout(
         hm.insert(http::header::HOST, host);
     }
     let req = req.body(full(call.body.clone())).ok()?;
-    let client = if entry.config.http2 {
-        &state.clients.http2
-    } else {
-        &state.clients.http1
-    };
+    let pool = state
+        .clients
+        .pool(&call.cluster, &entry.config.circuit_breakers);
+    let client = pool.client(entry.config.http2);
     let timeout = timeout_or(entry.config.timeout, call.timeout);
     let resp = match tokio::time::timeout(timeout, client.request(req)).await {
         Ok(Ok(r)) => r,
@@ -293,13 +578,11 @@ pub async fn grpc_call(
     );
     headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     let timeout = timeout_or(entry.config.timeout, call.timeout);
+    let pool = state
+        .clients
+        .pool(&call.cluster, &entry.config.circuit_breakers);
     let result = tokio::time::timeout(timeout, async {
-        let resp = state
-            .clients
-            .http2
-            .request(req)
-            .await
-            .map_err(|e| e.to_string())?;
+        let resp = pool.http2.request(req).await.map_err(|e| e.to_string())?;
         let (parts, body) = resp.into_parts();
         let collected = body.collect().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((parts, collected))

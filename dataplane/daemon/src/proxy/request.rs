@@ -291,18 +291,17 @@ pub(crate) async fn request_path(
         (get(":method"), get(":authority"), get(":path"), headers)
     };
     let url_path = path.split('?').next().unwrap_or("/").to_string();
-    let cluster = active
+    let route = active
         .route(&authority, &url_path, &method, |h| headers.get_str(h))
-        .ok_or(ProxyError::NoRoute)?
-        .config
-        .cluster
-        .clone();
+        .ok_or(ProxyError::NoRoute)?;
+    let (cluster, timeout) = (route.config.cluster.clone(), route.config.timeout);
     let request = crate::upstream::Outgoing {
         cluster: &cluster,
         method: &method,
         authority: &authority,
         path: &path,
         headers: &headers,
+        timeout,
     };
     if !has_body {
         let resp = crate::upstream::send(state, active, &request, None).await?;
@@ -352,12 +351,18 @@ pub(crate) async fn request_path(
     let pump = pump_request(&pipeline, running, body, tx);
     tokio::pin!(upstream);
     tokio::pin!(pump);
-    // The upstream may answer before the body is through; the body still finishes (or fails).
+    // The upstream may answer before the body is through. A refusal (4xx/5xx: 401, 403, 413,
+    // ...) is forwarded at once and the rest of the body dropped, as Envoy and nginx do: such
+    // an upstream usually stops reading, and waiting for the body to get through would hold
+    // the client forever. Any other early answer (a streaming 200) waits for the body.
     let mut answered = None;
     let pumped = loop {
         tokio::select! {
             flow = &mut pump => break flow,
-            resp = &mut upstream, if answered.is_none() => answered = Some(resp),
+            resp = &mut upstream, if answered.is_none() => match resp {
+                Ok(r) if refuses(r.status()) => return Ok(Upstream::Response(r)),
+                other => answered = Some(other),
+            },
         }
     };
     match pumped? {
@@ -374,6 +379,11 @@ pub(crate) async fn request_path(
         None => upstream.await,
     }?;
     Ok(Upstream::Response(resp))
+}
+
+/// An answer that ends the exchange whatever the rest of the request body would have been.
+fn refuses(status: http::StatusCode) -> bool {
+    status.is_client_error() || status.is_server_error()
 }
 
 /// Reads the request body frame by frame and feeds it through the filters to the upstream.
