@@ -455,6 +455,42 @@ fn template_renders_each_tls_mode() {
 }
 
 #[test]
+fn tcp_listeners_reach_the_config_the_pod_and_the_service() {
+    let Some(tools) = Tools::or_skip() else {
+        return;
+    };
+    let docs = template(
+        &tools,
+        &[
+            "--set",
+            "dataplane.tcpListeners[0].name=postgres",
+            "--set",
+            "dataplane.tcpListeners[0].port=15432",
+            "--set",
+            "dataplane.tcpListeners[0].cluster=backend",
+            "--set",
+            "dataplane.tcpListeners[0].idleTimeout=10m",
+        ],
+    );
+    let config = dataplane_config(&docs);
+    assert_eq!(
+        config["listeners"],
+        json!([{"name": "postgres", "address": "0.0.0.0:15432", "protocol": "TCP", "cluster": "backend", "idleTimeout": "10m"}])
+    );
+    let daemonset = find(&docs, "DaemonSet", "wasmfilter-dataplane");
+    let ports = &daemonset["spec"]["template"]["spec"]["containers"][0]["ports"];
+    assert_eq!(
+        ports[2],
+        json!({"name": "postgres", "containerPort": 15432, "protocol": "TCP"})
+    );
+    let service = find(&docs, "Service", "wasmfilter-dataplane");
+    assert_eq!(
+        service["spec"]["ports"][1],
+        json!({"name": "postgres", "port": 15432, "targetPort": "postgres", "protocol": "TCP"})
+    );
+}
+
+#[test]
 fn bad_values_are_refused_with_a_reason() {
     let Some(tools) = Tools::or_skip() else {
         return;
@@ -481,6 +517,17 @@ fn bad_values_are_refused_with_a_reason() {
                 "operator.insecureRegistries={http://registry.local:5000}",
             ],
             "/operator/insecureRegistries/0",
+        ),
+        (
+            vec![
+                "--set",
+                "dataplane.tcpListeners[0].name=a-name-past-fifteen",
+                "--set",
+                "dataplane.tcpListeners[0].port=15432",
+                "--set",
+                "dataplane.tcpListeners[0].cluster=backend",
+            ],
+            "/dataplane/tcpListeners/0/name",
         ),
         // The template's own check: the kubelet must not kill a draining dataplane.
         (
