@@ -528,3 +528,153 @@ fn a_trap_in_a_tick_is_followed_by_the_ticks_of_the_rebuilt_vm() {
     assert_eq!(status, 200, "{head}");
     dp.shutdown();
 }
+
+/// An upstream that counts requests; `/partial/*` gets its head and a first chunk `hello`,
+/// then nothing more; anything else gets nothing at all. Either way the connection is held.
+fn stalling_upstream(seen: Arc<AtomicUsize>) -> SocketAddr {
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let seen = seen.clone();
+                        async move {
+                            let _: &hyper::body::Incoming = req.body();
+                            seen.fetch_add(1, Ordering::SeqCst);
+                            if !req.uri().path().starts_with("/partial") {
+                                std::future::pending::<()>().await;
+                            }
+                            let chunks = futures_util::stream::once(async {
+                                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from("hello")))
+                            })
+                            .chain(futures_util::stream::pending());
+                            let body = http_body_util::StreamBody::new(chunks).boxed_unsync();
+                            Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+#[test]
+fn requests_abandoned_mid_response_or_reset_over_http2_end_their_contexts() {
+    const N: usize = 20;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let upstream = stalling_upstream(seen.clone());
+    let dir = temp_dir("reset");
+    let dp = start(
+        &dir,
+        2,
+        "    timeout: 60s\n",
+        &format!("  - name: main\n    endpoints: [\"{upstream}\"]\n"),
+        &format!(
+            "  - name: count\n    module: {}\n",
+            filter("lifecycle_count").display()
+        ),
+    );
+    // HTTP/1.1 clients that read the head and the first chunk, then go away.
+    for i in 0..N {
+        let mut s = TcpStream::connect(dp.proxy_addr).unwrap();
+        write!(s, "GET /partial/{i} HTTP/1.1\r\nhost: test.local\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("hello") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the head and first chunk arrive");
+            got.extend_from_slice(&buf[..n]);
+        }
+        drop(s);
+    }
+    // HTTP/2 streams on one connection, each reset by the client while the upstream is silent.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(dp.proxy_addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(conn);
+        for i in 0..N {
+            let before = seen.load(Ordering::SeqCst);
+            let req = http::Request::get(format!("http://test.local/silent/{i}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let pending = sender.send_request(req);
+            // Reset the stream (by dropping it) once the upstream has the request.
+            let waited = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::pin!(pending);
+                loop {
+                    tokio::select! {
+                        r = &mut pending => panic!("the upstream never answers: {r:?}"),
+                        _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                            if seen.load(Ordering::SeqCst) > before {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+            assert!(waited.is_ok(), "request {i} reached the upstream");
+        }
+        // The connection task sends the last reset, then ends with the connection.
+        drop(sender);
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    });
+    let total = 2 * N as u64;
+    let m = wait_for(&dp, Duration::from_secs(10), |m| {
+        sample(m, "wasmfilter_plugin_lifecycle_delete_total") >= total
+    });
+    for name in ["created", "done", "log", "delete"] {
+        assert_eq!(
+            sample(&m, &format!("wasmfilter_plugin_lifecycle_{name}_total")),
+            total,
+            "{name}:\n{m}"
+        );
+    }
+    assert_eq!(
+        sample(&m, "wasmfilter_plugin_lifecycle_out_of_order_total"),
+        0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "wasmfilter_requests_abandoned_total{phase=\"response_body\"}"
+        ),
+        N as u64,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "wasmfilter_requests_abandoned_total{phase=\"request\"}"),
+        N as u64,
+        "{m}"
+    );
+    drop(rt);
+    dp.shutdown();
+}
