@@ -453,3 +453,48 @@ filters:
     assert_eq!(wait_metric(dp.admin_addr, &sample("connections_done"), 2.0), 2.0);
     dp.shutdown();
 }
+
+#[test]
+fn a_service_plugin_receives_the_queue_items_http_filters_enqueue_on_every_worker() {
+    let dir = temp_dir("collector");
+    let config = format!(
+        "listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+workers: 2
+routes:
+  - name: all
+    cluster: echo
+clusters:
+  - name: echo
+    builtin: echo
+filters:
+  - name: collector
+    type: Service
+    module: {consumer}
+    vm: {{id: collector}}
+    config: {{queue_name: events}}
+  - name: producer
+    module: {producer}
+    config: {{queue_role: producer, queue_name: events, queue_vm_id: collector}}
+",
+        consumer = filter("queue_consumer").display(),
+        producer = filter("observe").display(),
+    );
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    let dp = Dataplane::start(&path).expect("dataplane starts");
+    // Separate connections, so both workers serve some of them.
+    for i in 0..20 {
+        let (status, text) = get(dp.proxy_addr, &format!("/item-{i}"));
+        assert_eq!(status, 200, "{text}");
+    }
+    let received = "wasmfilter_plugin_queue_consumer_received_total{filter=\"collector\"}";
+    assert_eq!(
+        wait_metric(dp.admin_addr, received, 20.0),
+        20.0,
+        "every enqueued path reaches the service plugin once"
+    );
+    let wrong = "wasmfilter_plugin_queue_consumer_wrong_queue_total{filter=\"collector\"}";
+    assert_eq!(metric(dp.admin_addr, wrong), 0.0);
+    dp.shutdown();
+}
