@@ -385,16 +385,16 @@ impl Metrics {
     }
     /// The counters the TLS listeners' certificate stores update.
     pub fn tls_reloads(&self) -> TlsReloads {
-        TlsReloads {
-            ok: self
-                .tls_reloads
-                .get_or_create(&ResultLabels { result: "ok" })
-                .clone(),
-            error: self
-                .tls_reloads
-                .get_or_create(&ResultLabels { result: "error" })
-                .clone(),
-        }
+        // One at a time: `get_or_create` holds the family's lock until its guard is dropped.
+        let ok = self
+            .tls_reloads
+            .get_or_create(&ResultLabels { result: "ok" })
+            .clone();
+        let error = self
+            .tls_reloads
+            .get_or_create(&ResultLabels { result: "error" })
+            .clone();
+        TlsReloads { ok, error }
     }
     /// The request path panicked; the request was answered 500 (see `crate::proxy::handle`).
     pub fn request_panic(&self) {
