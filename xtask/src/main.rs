@@ -284,8 +284,9 @@ fn go_minor_version(text: &str) -> Option<u32> {
         .ok()
 }
 
-/// Runs e2e/cluster/build.sh, e2e/helm/build.sh and e2e/registry/build.sh, each its own step;
-/// returns the environment that points the tests at what they built.
+/// Runs e2e/cluster/build.sh, e2e/helm/build.sh, e2e/registry/build.sh and
+/// e2e/h2spec/build.sh, each its own step; returns the environment that points the tests at
+/// what they built.
 fn e2e_tools(steps: &Steps) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     let root = wasmfilter_testkit::repo_root();
     let build = |what: &str, script: &str| -> anyhow::Result<PathBuf> {
@@ -322,7 +323,13 @@ fn e2e_tools(steps: &Steps) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
         "the OCI registry for the operator's, dataplane's and e2e tests",
         wasmfilter_testkit::registry::REGISTRY_BUILD_SCRIPT,
     )?;
+    // The HTTP/2 conformance suite dataplane/daemon/tests/h2spec.rs runs.
+    let h2spec = build(
+        "h2spec for the dataplane's HTTP/2 conformance test",
+        "e2e/h2spec/build.sh",
+    )?;
     Ok(vec![
+        ("WASMFILTER_H2SPEC_BIN", h2spec),
         ("WASMFILTER_E2E_CLUSTER", cluster),
         ("WASMFILTER_E2E_KUBECTL", kubectl),
         ("WASMFILTER_E2E_HELM", helm),
