@@ -448,9 +448,18 @@ filters:
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 
     let sample = |name: &str| format!("wasmfilter_plugin_go_tcp_{name}_total{{filter=\"go\"}}");
-    assert_eq!(wait_metric(dp.admin_addr, &sample("downstream_bytes"), 18.0), 18.0);
-    assert_eq!(wait_metric(dp.admin_addr, &sample("upstream_bytes"), 13.0), 13.0);
-    assert_eq!(wait_metric(dp.admin_addr, &sample("connections_done"), 2.0), 2.0);
+    assert_eq!(
+        wait_metric(dp.admin_addr, &sample("downstream_bytes"), 18.0),
+        18.0
+    );
+    assert_eq!(
+        wait_metric(dp.admin_addr, &sample("upstream_bytes"), 13.0),
+        13.0
+    );
+    assert_eq!(
+        wait_metric(dp.admin_addr, &sample("connections_done"), 2.0),
+        2.0
+    );
     dp.shutdown();
 }
 
