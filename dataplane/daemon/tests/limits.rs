@@ -275,7 +275,7 @@ fn an_early_413_reaches_a_client_still_uploading_through_a_body_filter() {
     let dir = temp_dir("early413");
     let config = write_config(&dir, "127.0.0.1:0", "127.0.0.1:0", "", &up.to_string(), "");
     let filters = format!(
-        "filters:\n  - name: rewrite\n    module: {}\n    config: {{from: hello, to: HELLO}}\n",
+        "filters:\n  - name: rewrite\n    module: {}\n    config: {{from: hello, to: HELLO}}\n    match: {{pathPrefixes: [/upload]}}\n    limits: {{callbackTimeout: 2s}}\n",
         rust_filter("body_rewrite").display()
     );
     std::fs::write(
@@ -292,7 +292,7 @@ fn an_early_413_reaches_a_client_still_uploading_through_a_body_filter() {
     let writer = {
         let mut w = s.try_clone().unwrap();
         std::thread::spawn(move || {
-            let chunk = [b'h'; 64 * 1024];
+            let chunk = [b'x'; 64 * 1024];
             for _ in 0..64 {
                 if w.write_all(&chunk).is_err() {
                     break;
