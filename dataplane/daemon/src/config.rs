@@ -214,7 +214,9 @@ pub struct Route {
     /// Readable by filters as `xds.route_metadata` / `route_metadata`.
     #[serde(default)]
     pub metadata: serde_json::Value,
-    /// Overrides the cluster's `timeout` for this route.
+    /// Overrides the cluster's `timeout` for this route. It is also the stream timeout: how long
+    /// a filter may keep a request or response paused with nothing resuming it before the
+    /// client gets a 504 naming the filter (docs/proxy-wasm-behaviour.md).
     #[serde(default, with = "optional_duration")]
     pub timeout: Option<Duration>,
 }

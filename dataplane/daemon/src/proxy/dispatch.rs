@@ -222,8 +222,9 @@ pub(crate) async fn callback(
     let Some(vm) = r.vm.clone() else {
         return Ok(Flow::Continue);
     };
-    // Registered only now: effects of the callback itself are in `effects` already.
-    let waiter = WaiterGuard::new(&vm, r.ctx);
+    // Registered at the first wait: until then everything runs synchronously, and the
+    // callback's own effects are in `effects` already.
+    let mut waiter: Option<WaiterGuard> = None;
     let mut resumed = action == Action::Continue;
     let mut pending = tokio::task::JoinSet::new();
     let ctx = r.ctx;
@@ -306,6 +307,7 @@ pub(crate) async fn callback(
             return Ok(Flow::Buffer);
         }
         // Paused: wait for a callout answer, or for another context to resume this stream.
+        let waiter = waiter.get_or_insert_with(|| WaiterGuard::new(&vm, ctx));
         let woken = tokio::time::timeout(r.stream_timeout, async {
             tokio::select! {
                 Some(joined) = pending.join_next(), if !pending.is_empty() => Some(joined),
