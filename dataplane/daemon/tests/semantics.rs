@@ -681,3 +681,43 @@ fn requests_abandoned_mid_response_or_reset_over_http2_end_their_contexts() {
     drop(rt);
     dp.shutdown();
 }
+
+#[test]
+fn callouts_of_abandoned_requests_are_cancelled_and_free_the_filters_callout_quota() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let silent = silent_upstream(seen.clone());
+    let dir = temp_dir("callouts");
+    let dp = start(
+        &dir,
+        1,
+        "",
+        &format!("{ECHO}  - name: slow\n    endpoints: [\"{silent}\"]\n"),
+        &format!(
+            "  - name: observer\n    module: {}\n    limits: {{pendingCallouts: 2}}\n",
+            filter("observe").display()
+        ),
+    );
+    // Five requests in turn, each paused on a callout the upstream never answers, each
+    // abandoned by its client: with the callouts of abandoned requests left pending, the third
+    // dispatch would be refused by the quota of 2 and never reach the upstream.
+    for i in 0..5 {
+        let mut s = TcpStream::connect(dp.proxy_addr).unwrap();
+        write!(
+            s,
+            "GET /c/{i} HTTP/1.1\r\nhost: test.local\r\nx-observe-callout-cluster: slow\r\n\r\n"
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.load(Ordering::SeqCst) <= i && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            i + 1,
+            "callout {i} was dispatched (the quota was not used up by abandoned requests)"
+        );
+        drop(s);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    dp.shutdown();
+}

@@ -1090,6 +1090,13 @@ impl Vm {
         )
     }
 
+    /// Forgets callout `token` without calling the guest: the stream that waited for it ended
+    /// (or stopped waiting) before the answer came, as Envoy cancels a stream's callouts when
+    /// the stream ends. Its slot no longer counts against the filter's pending-callout quota.
+    pub fn cancel_callout(&mut self, token: u32) {
+        self.store.data_mut().callouts.remove(&token);
+    }
+
     fn grpc_root(&self, token: u32) -> Result<u32, CallbackError> {
         self.store
             .data()

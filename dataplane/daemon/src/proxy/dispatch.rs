@@ -225,6 +225,10 @@ pub(crate) async fn callback(
     // Registered at the first wait: until then everything runs synchronously, and the
     // callback's own effects are in `effects` already.
     let mut waiter: Option<WaiterGuard> = None;
+    let mut outstanding = Outstanding {
+        vm: vm.clone(),
+        tokens: Vec::new(),
+    };
     let mut resumed = action == Action::Continue;
     let mut pending = tokio::task::JoinSet::new();
     let ctx = r.ctx;
@@ -263,6 +267,7 @@ pub(crate) async fn callback(
                     }
                 }
                 Effect::HttpCall(call) => {
+                    outstanding.tokens.push(call.token);
                     let state = state.clone();
                     let active = active.clone();
                     pending.spawn_local(async move {
@@ -271,6 +276,7 @@ pub(crate) async fn callback(
                     });
                 }
                 Effect::GrpcCall(call) => {
+                    outstanding.tokens.push(call.token);
                     let state = state.clone();
                     let active = active.clone();
                     pending.spawn_local(async move {
@@ -326,7 +332,13 @@ pub(crate) async fn callback(
                 effects = waiter.take();
                 continue;
             }
-            Ok(Some(Ok(answer))) => answer,
+            Ok(Some(Ok(answer))) => {
+                let token = match &answer {
+                    Answer::Http(token, _) | Answer::Grpc(token, _) => *token,
+                };
+                outstanding.tokens.retain(|t| *t != token);
+                answer
+            }
             Ok(Some(Err(_))) => continue,
         };
         match with_vm(r, |vm, _| {
@@ -335,6 +347,27 @@ pub(crate) async fn callback(
         }) {
             Ok(more) => effects = more,
             Err(e) => return callback_failed(r, e).map(|_| Flow::Continue),
+        }
+    }
+}
+
+/// The callouts a callback is still waiting for. When the callback ends without their answers
+/// (it continued, replied, failed, or its request was dropped), they are cancelled in the VM,
+/// as Envoy cancels a stream's callouts when the stream ends.
+struct Outstanding {
+    vm: VmHandle,
+    tokens: Vec<u32>,
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        if self.tokens.is_empty() {
+            return;
+        }
+        if let Ok(mut guard) = self.vm.try_borrow_mut() {
+            for token in self.tokens.drain(..) {
+                guard.0.cancel_callout(token);
+            }
         }
     }
 }
