@@ -148,6 +148,11 @@ pub struct Listener {
     /// ([`DEFAULT_TCP_IDLE_TIMEOUT`]).
     #[serde(default = "d_tcp_idle", with = "duration")]
     pub idle_timeout: Duration,
+    /// Plain `HTTP` listeners: speak HTTP/2 only (h2c with prior knowledge), as a gRPC or
+    /// service-mesh listener would. By default a plain listener serves HTTP/1.1 and h2c on
+    /// one port, told apart by the HTTP/2 preface; TLS listeners let ALPN choose.
+    #[serde(default)]
+    pub http2_only: bool,
 }
 
 /// What a listener speaks.
@@ -185,6 +190,7 @@ impl Listener {
             cluster: None,
             connect_timeout: DEFAULT_TCP_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            http2_only: false,
         }
     }
 }
@@ -1190,6 +1196,12 @@ impl Config {
                     ));
                 }
                 _ => {}
+            }
+            if l.http2_only && (l.protocol == ListenerProtocol::TCP || l.tls.is_some()) {
+                return Err(err(
+                    field("http2Only"),
+                    "http2Only applies to plain HTTP listeners: on a TLS listener ALPN chooses the protocol, and a TCP listener speaks no HTTP".into(),
+                ));
             }
             if l.protocol == ListenerProtocol::TCP
                 && (l.connect_timeout.is_zero() || l.idle_timeout.is_zero())

@@ -16,6 +16,7 @@ pub mod managed;
 pub mod metrics;
 pub mod native;
 pub mod normalize;
+pub mod preface;
 pub mod proxy;
 pub mod reload;
 pub mod resume;
@@ -140,6 +141,7 @@ impl Dataplane {
                     slots,
                     name,
                     tcp,
+                    http2_only: l.http2_only,
                 },
             ));
         }
@@ -311,6 +313,8 @@ enum Role {
         name: Arc<str>,
         /// A TCP listener ([`tcp`]): connections are proxied byte for byte, not as HTTP.
         tcp: Option<tcp::TcpListenerSpec>,
+        /// A plain listener that speaks HTTP/2 only (`listeners[].http2Only`).
+        http2_only: bool,
     },
     Admin,
 }
@@ -495,14 +499,28 @@ async fn accept_loop(
                         }
                     }
                 },
-                Role::Proxy { tls: None, .. } => {
+                Role::Proxy {
+                    tls: None,
+                    http2_only,
+                    ..
+                } => {
                     let activity = Arc::new(ConnActivity::default());
                     let conn = activity.clone();
                     let s = state.clone();
                     let service = service_fn(move |req| {
                         proxy::handle(s.clone(), req, peer, local_addr, false, Some(conn.clone()))
                     });
-                    serve(TokioIo::new(stream), service, &state, Some(activity), None).await;
+                    if http2_only {
+                        // Only HTTP/2: a client that does not start with its preface gets a
+                        // GOAWAY, not an HTTP/1.1 answer.
+                        let header_read = state.timeouts.header_read;
+                        if let Some(stream) = preface::expect(stream, header_read).await {
+                            let io = TokioIo::new(stream);
+                            serve(io, service, &state, Some(activity), Some(true)).await;
+                        }
+                    } else {
+                        serve(TokioIo::new(stream), service, &state, Some(activity), None).await;
+                    }
                 }
                 Role::Proxy {
                     tls: Some(acceptor),

@@ -81,6 +81,17 @@ pub fn restart_only_changes(running: &Config, next: &Config) -> Vec<String> {
             if o.address != n.address {
                 changes.push(format!("{address}: {} -> {}", o.address, n.address));
             }
+            // The other listener fields are read once, when the listener is bound.
+            let shape = |l: &Listener| {
+                format!(
+                    "name {:?}, protocol {:?}, cluster {:?}, connectTimeout {:?}, idleTimeout {:?}, http2Only {}",
+                    l.name, l.protocol, l.cluster, l.connect_timeout, l.idle_timeout, l.http2_only
+                )
+            };
+            if shape(o) != shape(n) {
+                let prefix = address.trim_end_matches(".address");
+                changes.push(format!("{prefix}: {} -> {}", shape(o), shape(n)));
+            }
             if o.tls.is_some() != n.tls.is_some() {
                 changes.push(format!(
                     "{tls}: {} -> {}",

@@ -1,6 +1,6 @@
 //! HTTP/2 conformance: h2spec (every one of its 145 cases) against the dataplane's h2c
-//! listener and its TLS listener (HTTP/2 by ALPN), through the filter chain to the built-in
-//! echo upstream.
+//! listeners (HTTP/1.1 and h2c on one port, and `http2Only`) and its TLS listener (HTTP/2 by
+//! ALPN), through the filter chain to the built-in echo upstream.
 //!
 //! h2spec is built from the Go module pinned in `e2e/h2spec/go.mod` by `e2e/h2spec/build.sh`
 //! (cached under `$WASMFILTER_CACHE/e2e/h2spec-<version>/`); `WASMFILTER_H2SPEC_BIN` names
@@ -120,7 +120,7 @@ fn h2spec_passes_on_the_h2c_and_tls_listeners() {
         &config,
         format!(
             "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nworkers: 1\n\
-             listeners: [{{address: \"127.0.0.1:0\", tls: {{certFile: cert.pem, keyFile: key.pem}}}}]\n\
+             listeners: [{{address: \"127.0.0.1:0\", tls: {{certFile: cert.pem, keyFile: key.pem}}}}, {{address: \"127.0.0.1:0\", http2Only: true}}]\n\
              routes: [{{name: all, cluster: main}}]\nclusters: [{{name: main, builtin: echo}}]\n\
              filters:\n  - name: tag\n    module: {}\n    config: {{response: {{add: {{x-tag: h2}}}}}}\n",
             filter.display()
@@ -130,5 +130,7 @@ fn h2spec_passes_on_the_h2c_and_tls_listeners() {
     let dp = Dataplane::start(&config).unwrap();
     run(&bin, &dir, "h2c", dp.proxy_addrs[0].port(), false);
     run(&bin, &dir, "tls", dp.proxy_addrs[1].port(), true);
+    // A plain listener that speaks only HTTP/2 has no HTTP/1.1 to fall back to: every case.
+    run(&bin, &dir, "h2c-only", dp.proxy_addrs[2].port(), false);
     dp.shutdown();
 }
