@@ -449,7 +449,9 @@ impl Active {
         header: impl Fn(&str) -> Option<String>,
     ) -> Option<&RouteEntry> {
         self.routes.iter().find(|r| {
-            r.config.matches.matches(host, path, method)
+            // A connect route serves only CONNECT (`crate::tunnel`).
+            !r.config.connect
+                && r.config.matches.matches(host, path, method)
                 && r.config
                     .headers
                     .iter()

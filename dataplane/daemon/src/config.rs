@@ -225,6 +225,12 @@ pub struct Route {
     /// client gets a 504 naming the filter (docs/proxy-wasm-behaviour.md).
     #[serde(default, with = "optional_duration")]
     pub timeout: Option<Duration>,
+    /// Accept `CONNECT` requests whose target host `match.hosts` accepts: the client gets 200
+    /// and a byte tunnel to this route's cluster (its first endpoint that accepts), which no
+    /// HTTP filter sees into. Without such a route CONNECT is refused (405). A CONNECT route
+    /// serves only CONNECT; give it hosts and no pathPrefixes.
+    #[serde(default)]
+    pub connect: bool,
 }
 
 /// The `http` section: request normalisation and trusted hops. Every default is the safe one.
@@ -1209,6 +1215,27 @@ impl Config {
                 return Err(err(
                     field("connectTimeout"),
                     "connectTimeout and idleTimeout must be more than zero".into(),
+                ));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate().filter(|(_, r)| r.connect) {
+            if !r.matches.path_prefixes.is_empty() {
+                return Err(err(
+                    format!("routes[{i}].match.pathPrefixes"),
+                    "a CONNECT request has no path: a connect route matches by hosts only".into(),
+                ));
+            }
+            if self
+                .clusters
+                .iter()
+                .any(|c| c.name == r.cluster && c.builtin.is_some())
+            {
+                return Err(err(
+                    format!("routes[{i}].cluster"),
+                    format!(
+                        "cluster {:?} is a built-in HTTP upstream; a CONNECT tunnel needs a cluster with endpoints",
+                        r.cluster
+                    ),
                 ));
             }
         }

@@ -24,6 +24,7 @@ pub mod state;
 pub mod tcp;
 pub mod timers;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -570,7 +571,7 @@ async fn serve<I, S>(
     activity: Option<Arc<ConnActivity>>,
     h2: Option<bool>,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::Service<
             hyper::Request<hyper::body::Incoming>,
             Response = hyper::Response<proxy::Body>,
@@ -602,7 +603,8 @@ async fn serve<I, S>(
         Some(false) => builder.http1_only(),
         None => builder,
     };
-    let conn = builder.serve_connection(io, service);
+    // With upgrades: a CONNECT accepted by a route (`tunnel`) takes the connection over.
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let idle = async {
         match &activity {

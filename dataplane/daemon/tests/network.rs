@@ -507,3 +507,64 @@ filters:
     assert_eq!(metric(dp.admin_addr, wrong), 0.0);
     dp.shutdown();
 }
+
+#[test]
+fn connect_opens_a_tunnel_only_where_a_route_allows_it() {
+    let dir = temp_dir("connect");
+    let upstream = echo_server();
+    let config = format!(
+        "listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+workers: 1
+routes:
+  - name: db-tunnel
+    connect: true
+    match: {{hosts: [db.internal]}}
+    cluster: backend
+  - name: all
+    cluster: echo
+clusters:
+  - name: echo
+    builtin: echo
+  - name: backend
+    endpoints: [\"{upstream}\"]
+"
+    );
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    let dp = Dataplane::start(&path).expect("dataplane starts");
+
+    // An allowed target: 200, then the bytes go both ways through the tunnel.
+    let mut c = TcpStream::connect(dp.proxy_addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"CONNECT DB.internal:5432 HTTP/1.1\r\nhost: DB.internal:5432\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(c.read(&mut byte).unwrap(), 1, "head: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    c.write_all(b"through the tunnel").unwrap();
+    let mut echoed = [0u8; 18];
+    c.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"through the tunnel");
+
+    // Any other target, and a CONNECT route never serves ordinary requests.
+    let mut c = TcpStream::connect(dp.proxy_addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"CONNECT other.host:443 HTTP/1.1\r\nhost: other.host:443\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 12];
+    c.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 405");
+    let (status, text) = get(dp.proxy_addr, "/");
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("wasmfilter-echo"),
+        "ordinary requests take the next route: {text}"
+    );
+    dp.shutdown();
+}

@@ -104,6 +104,9 @@ pub(crate) async fn proxy(
     local: SocketAddr,
     tls: bool,
 ) -> Result<Response<Body>, ProxyError> {
+    if req.method() == http::Method::CONNECT {
+        return crate::tunnel::connect(active, req).await;
+    }
     let (parts, body) = req.into_parts();
     // The head is checked and normalised first: filters and routes match what is forwarded.
     let head = match check_head(active, &parts)? {
