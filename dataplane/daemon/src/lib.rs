@@ -52,9 +52,6 @@ pub struct Dataplane {
     /// Every listener's address, in configuration order.
     pub proxy_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
-    /// Set when shutdown begins, for the operator link's thread ([`managed`]); the workers
-    /// follow `state.shutdown`.
-    stop: Arc<AtomicBool>,
     workers: Vec<std::thread::JoinHandle<()>>,
     /// What [`Dataplane::reload`] compares against and swaps ([`reload`]).
     running: parking_lot::Mutex<reload::Running>,
@@ -174,7 +171,6 @@ impl Dataplane {
             swap: Default::default(),
             link: Default::default(),
         });
-        let stop = Arc::new(AtomicBool::new(false));
         let workers_n = if config.workers == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -215,7 +211,6 @@ impl Dataplane {
                 config_file.to_path_buf(),
                 dir,
                 state.clone(),
-                stop.clone(),
             )?);
         }
         tls::watch(
@@ -229,7 +224,6 @@ impl Dataplane {
             proxy_addr: proxy_addrs[0],
             proxy_addrs,
             admin_addr,
-            stop,
             workers,
             running: parking_lot::Mutex::new(reload::Running { config, certs }),
         })
@@ -248,7 +242,6 @@ impl Dataplane {
     /// in-flight request has finished its response body, or after `drainTimeout`.
     pub fn shutdown(self) {
         self.state.ready.store(false, Ordering::SeqCst);
-        self.stop.store(true, Ordering::SeqCst);
         self.state.shutdown.cancel();
         for w in self.workers {
             let _ = w.join();

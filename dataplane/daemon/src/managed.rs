@@ -278,13 +278,13 @@ pub fn restore(
     restored
 }
 
-/// Starts the thread that keeps the operator link up until `stop` is set.
+/// Starts the thread that keeps the operator link up until shutdown begins
+/// (`State::shutdown`).
 pub fn spawn(
     link: OperatorLink,
     config_file: PathBuf,
     dir: StateDir,
     state: Arc<State>,
-    stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("operator-link".into())
@@ -293,22 +293,16 @@ pub fn spawn(
                 .enable_all()
                 .build()
                 .expect("operator link runtime");
-            rt.block_on(run(link, config_file, dir, state, stop));
+            rt.block_on(run(link, config_file, dir, state));
         })
 }
 
-async fn run(
-    link: OperatorLink,
-    config_file: PathBuf,
-    dir: StateDir,
-    state: Arc<State>,
-    stop: Arc<AtomicBool>,
-) {
+async fn run(link: OperatorLink, config_file: PathBuf, dir: StateDir, state: Arc<State>) {
     let id = link.dataplane_id();
     let mut backoff = limits::BACKOFF_MIN;
-    while !stop.load(Ordering::SeqCst) {
+    while !state.shutdown.is_cancelled() {
         let started = Instant::now();
-        match session(&link, &config_file, &id, &dir, &state, &stop).await {
+        match session(&link, &config_file, &id, &dir, &state).await {
             Ok(()) => tracing::info!("operator stream closed"),
             Err(e) => {
                 state.link.connected.store(false, Ordering::SeqCst);
@@ -322,9 +316,9 @@ async fn run(
         }
         // Full jitter over the upper half, so a fleet does not reconnect in lockstep.
         let wait = backoff / 2 + backoff.mul_f64(jitter() / 2.0);
-        let until = Instant::now() + wait;
-        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(50).min(wait)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = state.shutdown.cancelled() => {}
         }
         backoff = (backoff * 2).min(limits::BACKOFF_MAX);
     }
@@ -373,7 +367,6 @@ async fn session(
     id: &str,
     dir: &StateDir,
     state: &Arc<State>,
-    stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     // Everything up to the stream's response head under one deadline: tonic's connect
     // timeout covers the TCP connect only, so a peer that accepts and then says nothing
@@ -400,11 +393,7 @@ async fn session(
             .into_inner();
         anyhow::Ok((client, tx, inbound))
     };
-    let stopped = async {
-        while !stop.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let stopped = state.shutdown.cancelled();
     let (mut client, tx, mut inbound) = tokio::select! {
         r = tokio::time::timeout(link.handshake_timeout, handshake) => r.map_err(|_| {
             anyhow::anyhow!(
@@ -417,7 +406,6 @@ async fn session(
     tracing::info!(operator = %link.address, %id, "connected to the operator");
     let mut stats = tokio::time::interval(link.stats_interval);
     stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stop_poll = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             message = inbound.message() => {
@@ -445,11 +433,7 @@ async fn session(
                 })
                 .await?;
             }
-            _ = stop_poll.tick() => {
-                if stop.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
-            }
+            _ = state.shutdown.cancelled() => return Ok(()),
         }
     }
 }
