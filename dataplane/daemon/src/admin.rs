@@ -38,7 +38,15 @@ pub async fn handle(
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.render(&state.active.load()),
+            {
+                let active = state.active.load();
+                let filters: Vec<_> = active
+                    .filters
+                    .iter()
+                    .map(|f| (f.name.as_str(), f.spec.metrics.as_ref()))
+                    .collect();
+                state.metrics.render(&filters)
+            },
         ),
         "/config_dump" => (StatusCode::OK, "application/json", config_dump(&state)),
         _ => (

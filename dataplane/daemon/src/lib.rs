@@ -16,6 +16,7 @@ pub mod managed;
 pub mod metrics;
 pub mod native;
 pub mod normalize;
+pub mod pool;
 pub mod preface;
 pub mod proxy;
 pub mod reload;

@@ -27,7 +27,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -622,16 +622,4 @@ fn report(state: &State) -> Stats {
             })
             .collect(),
     }
-}
-
-/// The link's state, for /ready and /config_dump.
-#[derive(Debug, Default)]
-pub struct LinkState {
-    /// The dataplane runs in managed mode.
-    pub managed: AtomicBool,
-    /// A chain from the operator is in place (restored from disk or applied): until then a
-    /// managed dataplane is not ready, so it never serves traffic without its filters.
-    pub synced: AtomicBool,
-    pub connected: AtomicBool,
-    pub applied_version: std::sync::atomic::AtomicU64,
 }

@@ -14,8 +14,6 @@ use prometheus_client::registry::Registry;
 use wasmfilter_api::control;
 use wasmfilter_host::{MetricType, QuotaState};
 
-use crate::chain::Active;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: u16,
@@ -444,9 +442,10 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text: the dataplane's metrics, then every metric the active filters defined
-    /// as `wasmfilter_plugin_<name>{filter="…", <tags>}`.
-    pub fn render(&self, active: &Active) -> String {
+    /// Prometheus text: the dataplane's metrics, then every metric the active filters (each
+    /// a name and the registry its VMs define metrics in) defined as
+    /// `wasmfilter_plugin_<name>{filter="…", <tags>}`.
+    pub fn render(&self, filters: &[(&str, &wasmfilter_host::MetricsRegistry)]) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
         if out.ends_with("# EOF\n") {
@@ -455,8 +454,8 @@ impl Metrics {
         // The host's quota refusals per filter and limit (docs/limits.md).
         let quotas = self.quotas.lock();
         let mut typed = false;
-        for f in &active.filters {
-            let Some(q) = quotas.get(&f.name) else {
+        for (name, _) in filters {
+            let Some(q) = quotas.get(*name) else {
                 continue;
             };
             if !typed {
@@ -467,15 +466,15 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "wasmfilter_filter_quota_refusals_total{{filter=\"{}\",limit=\"{limit}\"}} {n}",
-                    escape(&f.name)
+                    escape(name)
                 );
             }
         }
         drop(quotas);
-        for f in &active.filters {
-            for m in f.spec.metrics.snapshot() {
+        for (filter, registry) in filters {
+            for m in registry.snapshot() {
                 let name = format!("wasmfilter_plugin_{}", sanitize(&m.name));
-                let mut labels = format!("filter=\"{}\"", escape(&f.name));
+                let mut labels = format!("filter=\"{}\"", escape(filter));
                 for (k, v) in &m.labels {
                     let _ = write!(labels, ",{}=\"{}\"", sanitize(k), escape(v));
                 }

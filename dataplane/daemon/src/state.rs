@@ -11,7 +11,7 @@ use wasmfilter_host::Host;
 use crate::chain::Active;
 use crate::config::{ProxyLimits, Timeouts};
 use crate::metrics::Metrics;
-use crate::upstream::Clients;
+use crate::pool::Clients;
 
 pub struct State {
     pub host: Arc<Host>,
@@ -35,7 +35,7 @@ pub struct State {
     /// reloads and operator snapshots), so neither overwrites the other's change.
     pub swap: parking_lot::Mutex<()>,
     /// Managed mode: the operator link's state.
-    pub link: crate::managed::LinkState,
+    pub link: LinkState,
 }
 
 /// One request in flight: counted from the moment the proxy takes it until its response body
@@ -160,4 +160,16 @@ impl ActiveCell {
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
     }
+}
+
+/// The operator link's state (`crate::managed` writes it), for /ready and /config_dump.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    /// The dataplane runs in managed mode.
+    pub managed: AtomicBool,
+    /// A chain from the operator is in place (restored from disk or applied): until then a
+    /// managed dataplane is not ready, so it never serves traffic without its filters.
+    pub synced: AtomicBool,
+    pub connected: AtomicBool,
+    pub applied_version: std::sync::atomic::AtomicU64,
 }
