@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: cargo xtask <demo|ci|bench|filters>\n  demo     run the dataplane standalone with an example filter\n  ci       format check, clippy, all tests\n  bench    side-by-side proxy benchmarks, writes docs/benchmarks.md (--quick for a short run)\n  filters  build the Rust test filters and print their paths"
+            "usage: cargo xtask <demo|ci|bench|filters>\n  demo     run the dataplane standalone with an example filter\n  ci       format check, clippy, all tests\n  bench    side-by-side proxy benchmarks, writes docs/benchmarks.md (--quick for a short run; --tcp: only the TCP proxy benchmarks, docs/benchmarks-tcp.md)\n  filters  build the Rust test filters and print their paths"
         ),
     }
 }
@@ -344,11 +344,28 @@ const OHA_VERSION: &str = "1.16.0";
 
 /// Builds the release dataplane, the benchmark runner, the S8 fan-out binary and the Pingora
 /// peer (its own workspace, bench/pingora-peer), installs oha if needed, then runs every
-/// scenario. `--quick` gives a short run.
+/// scenario. `--quick` gives a short run; `--tcp` runs only the TCP scenarios (tcp_bench).
 fn bench(args: Vec<String>) -> anyhow::Result<()> {
     ensure_wasm_target()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = wasmfilter_testkit::repo_root();
+    if args.iter().any(|a| a == "--tcp") {
+        // Only the TCP scenarios (bench/src/bin/tcp_bench.rs, docs/benchmarks-tcp.md).
+        run(Command::new(&cargo).args([
+            "build",
+            "--release",
+            "-p",
+            "wasmfilter-dataplane",
+            "-p",
+            "wasmfilter-bench",
+            "--bin",
+            "wasmfilter-dataplane",
+            "--bin",
+            "tcp_bench",
+        ]))?;
+        return run(Command::new(root.join("target/release/tcp_bench"))
+            .args(args.iter().filter(|a| *a != "--tcp")));
+    }
     run(Command::new(&cargo).args([
         "build",
         "--release",
