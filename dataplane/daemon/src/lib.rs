@@ -597,20 +597,34 @@ async fn serve<I, S>(
         Some(false) => builder.http1_only(),
         None => builder,
     };
-    // With upgrades: a CONNECT accepted by a route (`tunnel`) takes the connection over.
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
     let idle = async {
         match &activity {
             Some(a) => a.idle_for(t.header_read, t.idle).await,
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = state.shutdown.cancelled() => {}
-        _ = idle => {}
+    // Runs the connection until it ends, or until shutdown or idleness asks it to finish.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = state.shutdown.cancelled() => {}
+                _ = idle => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }};
     }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    if h2 == Some(true) {
+        // HTTP/2 only (ALPN h2, or an http2Only listener): hyper-util's upgradeable
+        // connection would read the first bytes to pick a version and answer an invalid
+        // preface as HTTP/1.1; HTTP/2 CONNECT needs no connection upgrade.
+        drive!(builder.serve_connection(io, service))
+    } else {
+        // With upgrades: an HTTP/1.1 CONNECT accepted by a route (`tunnel`) takes the
+        // connection over.
+        drive!(builder.serve_connection_with_upgrades(io, service))
+    }
 }
