@@ -238,3 +238,20 @@ pub(crate) fn connections_full(e: &hyper_util::client::legacy::Error) -> bool {
     }
     false
 }
+
+/// A raw TCP connection to the first of `endpoints` that accepts within `timeout` each
+/// (TCP listeners and CONNECT tunnels); the error lists why each one failed.
+pub(crate) async fn connect_first(
+    endpoints: &[String],
+    timeout: std::time::Duration,
+) -> Result<tokio::net::TcpStream, String> {
+    let mut errors = Vec::new();
+    for endpoint in endpoints {
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(endpoint)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => errors.push(format!("{endpoint}: {e}")),
+            Err(_) => errors.push(format!("{endpoint}: no answer within {timeout:?}")),
+        }
+    }
+    Err(errors.join("; "))
+}

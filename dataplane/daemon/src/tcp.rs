@@ -397,22 +397,9 @@ async fn connect(active: &Active, spec: &TcpListenerSpec) -> Result<TcpStream, S
     let Some(cluster) = active.clusters.get(&spec.cluster) else {
         return Err(format!("cluster {} is not configured", spec.cluster));
     };
-    let mut errors = Vec::new();
-    for endpoint in &cluster.config.endpoints {
-        match tokio::time::timeout(spec.connect_timeout, TcpStream::connect(endpoint)).await {
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(e)) => errors.push(format!("{endpoint}: {e}")),
-            Err(_) => errors.push(format!(
-                "{endpoint}: no answer within {:?}",
-                spec.connect_timeout
-            )),
-        }
-    }
-    Err(format!(
-        "cluster {}: no endpoint accepted ({})",
-        spec.cluster,
-        errors.join("; ")
-    ))
+    crate::pool::connect_first(&cluster.config.endpoints, spec.connect_timeout)
+        .await
+        .map_err(|errors| format!("cluster {}: no endpoint accepted ({errors})", spec.cluster))
 }
 
 fn reason(e: ProxyError) -> String {

@@ -9,7 +9,6 @@
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::body::{Body, full};
 use crate::chain::Active;
@@ -41,24 +40,12 @@ pub(crate) async fn connect(
             message: "the cluster is not configured".into(),
         })?;
     // The upstream first: a client told 200 must have somewhere to send its bytes.
-    let mut failures = Vec::new();
-    let mut upstream = None;
-    for endpoint in &entry.config.endpoints {
-        match tokio::time::timeout(entry.config.timeout, TcpStream::connect(endpoint)).await {
-            Ok(Ok(s)) => {
-                upstream = Some(s);
-                break;
-            }
-            Ok(Err(e)) => failures.push(format!("{endpoint}: {e}")),
-            Err(_) => failures.push(format!("{endpoint}: no answer in time")),
-        }
-    }
-    let Some(mut upstream) = upstream else {
-        return Err(ProxyError::UpstreamConnect {
+    let mut upstream = crate::pool::connect_first(&entry.config.endpoints, entry.config.timeout)
+        .await
+        .map_err(|message| ProxyError::UpstreamConnect {
             cluster: cluster.clone(),
-            message: failures.join("; "),
-        });
-    };
+            message,
+        })?;
     let route_name = route.config.name.clone();
     let upgrade = hyper::upgrade::on(req);
     tokio::task::spawn_local(async move {
