@@ -4,23 +4,15 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmfilter_dataplane::Dataplane;
 
-fn filter(name: &str) -> PathBuf {
-    wasmfilter_testkit::rust_filter(name).expect("filter builds")
-}
+mod support;
 
-fn temp_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasmfilter-net-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use support::{rust_filter as filter, temp_dir};
 
 /// A TCP echo server: every connection gets back what it sends, and a half-close once the
 /// client has half-closed. Serves until the test process ends.
